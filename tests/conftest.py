@@ -1,0 +1,13 @@
+"""Test-session settings: offline Hugging Face libraries and one torch thread.
+
+One thread because the unit tests are many small tensor operations: with 2 threads on a busy
+2-core machine, OpenMP synchronisation makes a 100 x 100 kernel matrix ~100x slower.
+"""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch  # noqa: E402  (after the environment variables, before any test imports transformers)
+
+torch.set_num_threads(1)

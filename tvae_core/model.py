@@ -1,0 +1,248 @@
+"""The TransformerVAE: a Hugging Face transformer encoder with a Gaussian head, and a Hugging Face
+causal LM decoder that reads the latent Optimus-style (Li et al., 2020).
+
+    q(z|x) = N(mu(x), diag sigma^2(x)),   p(z) = N(0, I),   p(x|z) = prod_t p(x_t | x_<t, z)
+
+Latent injection (``ModelConfig.injection``):
+
+* ``memory``: z -> one extra key/value slot per decoder layer, prepended to the KV cache, so every
+  position can attend to it (sized to the decoder: ``num_key_value_heads x head_dim``, which covers
+  grouped-query attention). Positions of the words are not shifted by the slot.
+* ``embedding``: z -> a vector added to every input token embedding.
+* ``both``: the two together (Optimus' default).
+* ``none``: the decoder-only language model. ``encode`` then returns the prior, so the ELBO is
+  exactly log p(x) and every estimator still applies.
+
+Pooling: ``mean`` averages the encoder's last hidden states over *real* tokens only (the thesis
+code pooled the last padded position, making q(z|x) depend on the batch); ``first`` takes the
+``[BOS]``/``[CLS]`` position.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributions import Normal
+
+from .config import ModelConfig
+from .protocols import standard_normal_prior
+
+
+def _decoder_geometry(config) -> tuple[int, int, int]:
+    """(num_layers, num_key_value_heads, head_dim) of any HF causal-LM config."""
+    num_layers = config.num_hidden_layers
+    num_heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    return num_layers, kv_heads, head_dim
+
+
+def build_scratch_encoder(config: ModelConfig, vocab_size: int, pad_id: int, max_length: int):
+    from transformers import BertConfig, BertModel
+
+    bert_config = BertConfig(vocab_size=vocab_size, hidden_size=config.hidden_size,
+                             num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+                             intermediate_size=4 * config.hidden_size, max_position_embeddings=max_length,
+                             hidden_dropout_prob=config.dropout, attention_probs_dropout_prob=config.dropout,
+                             pad_token_id=pad_id)
+    return BertModel(bert_config, add_pooling_layer=False)
+
+
+def build_scratch_decoder(config: ModelConfig, vocab_size: int, pad_id: int, bos_id: int, eos_id: int,
+                          max_length: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2_config = GPT2Config(vocab_size=vocab_size, n_embd=config.hidden_size, n_layer=config.num_layers,
+                             n_head=config.num_heads, n_positions=max_length, resid_pdrop=config.dropout,
+                             embd_pdrop=config.dropout, attn_pdrop=config.dropout, bos_token_id=bos_id,
+                             eos_token_id=eos_id, pad_token_id=pad_id)
+    return GPT2LMHeadModel(gpt2_config)
+
+
+class TransformerVAE(nn.Module):
+    """Implements :class:`tvae_core.protocols.LatentVariableModel`.
+
+    Batches: ``input_ids`` / ``attention_mask`` [B, T] hold ``[BOS] w_1..w_n [EOS]`` in the
+    decoder's vocabulary; optional ``encoder_input_ids`` / ``encoder_attention_mask`` when the
+    encoder has its own tokenizer (pretrained encoders).
+    """
+
+    def __init__(self, config: ModelConfig, encoder: nn.Module | None, decoder: nn.Module, *,
+                 pad_id: int, bos_id: int, eos_id: int, unk_id: int):
+        super().__init__()
+        self.config = config
+        self.latent_dim = config.latent_dim
+        self.pad_id, self.bos_id, self.eos_id, self.unk_id = pad_id, bos_id, eos_id, unk_id
+        self.decoder = decoder
+        self.uses_latent = config.injection != "none"
+        if self.uses_latent:
+            if encoder is None:
+                raise ValueError(f"model.injection={config.injection!r} needs an encoder")
+            self.encoder = encoder
+            self.posterior_head = nn.Linear(encoder.config.hidden_size, 2 * config.latent_dim)
+        num_layers, kv_heads, head_dim = _decoder_geometry(decoder.config)
+        self._kv_shape = (num_layers, 2, kv_heads, head_dim)
+        if config.injection in ("memory", "both"):
+            self.latent_to_memory = nn.Linear(config.latent_dim, num_layers * 2 * kv_heads * head_dim)
+        if config.injection in ("embedding", "both"):
+            self.latent_to_embedding = nn.Linear(config.latent_dim, decoder.config.hidden_size)
+
+    @classmethod
+    def from_scratch(cls, config: ModelConfig, vocab_size: int, *, pad_id: int, bos_id: int, eos_id: int,
+                     unk_id: int, max_length: int) -> "TransformerVAE":
+        encoder = None
+        if config.injection != "none":
+            encoder = build_scratch_encoder(config, vocab_size, pad_id, max_length)
+        decoder = build_scratch_decoder(config, vocab_size, pad_id, bos_id, eos_id, max_length)
+        return cls(config, encoder, decoder, pad_id=pad_id, bos_id=bos_id, eos_id=eos_id, unk_id=unk_id)
+
+    # ------------------------------------------------------------------ inference network
+    def encode(self, batch: dict[str, torch.Tensor]) -> Normal:
+        """q(z|x) with batch shape [B, D]; the prior itself for the decoder-only LM."""
+        ids = batch.get("encoder_input_ids", batch["input_ids"])
+        mask = batch.get("encoder_attention_mask", batch["attention_mask"])
+        if not self.uses_latent:
+            prior = standard_normal_prior(self.latent_dim, device=ids.device)
+            return Normal(prior.loc.expand(ids.shape[0], -1), prior.scale.expand(ids.shape[0], -1))
+        hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, T, H]
+        if self.config.pooling == "mean":
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)  # [B, H]
+        else:
+            pooled = hidden[:, 0]
+        loc, raw_logvar = self.posterior_head(pooled).chunk(2, dim=-1)  # [B, D] each
+        bound = self.config.logvar_bound
+        logvar = bound * torch.tanh(raw_logvar / bound)  # soft clamp to [-bound, bound]
+        return Normal(loc, torch.exp(0.5 * logvar))
+
+    def sample_latent(self, posterior: Normal, num_samples: int = 1) -> torch.Tensor:
+        """Reparameterised z ~ q(z|x): [S, B, D] (the mean, repeated, for a deterministic encoder)."""
+        if self.config.deterministic_encoder:
+            return posterior.loc.unsqueeze(0).expand(num_samples, -1, -1)
+        return posterior.rsample((num_samples,))
+
+    # ------------------------------------------------------------------ generative network
+    def _memory_cache(self, z: torch.Tensor):
+        """A KV cache whose only entry per layer is the latent's memory slot. z: [N, D]."""
+        from transformers import DynamicCache
+
+        num_layers, _, kv_heads, head_dim = self._kv_shape
+        memory = self.latent_to_memory(z).view(z.shape[0], num_layers, 2, kv_heads, 1, head_dim)
+        cache = DynamicCache(config=self.decoder.config)
+        for layer in range(num_layers):
+            cache.update(memory[:, layer, 0], memory[:, layer, 1], layer)  # [N, kv, 1, head_dim]
+        return cache
+
+    def _decoder_inputs(self, input_ids: torch.Tensor, z: torch.Tensor | None):
+        embeds = self.decoder.get_input_embeddings()(input_ids)  # [N, T, H]
+        if z is not None and self.config.injection in ("embedding", "both"):
+            embeds = embeds + self.latent_to_embedding(z).unsqueeze(1)
+        return embeds
+
+    def decoder_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       z: torch.Tensor | None) -> torch.Tensor:
+        """Teacher-forced logits [N, T, V] for decoder inputs [N, T] given z [N, D]."""
+        n, length = input_ids.shape
+        cache = None
+        if z is not None and self.config.injection in ("memory", "both"):
+            cache = self._memory_cache(z)
+            attention_mask = torch.cat([attention_mask.new_ones(n, 1), attention_mask], dim=1)
+        positions = torch.arange(length, device=input_ids.device).unsqueeze(0).expand(n, -1)
+        out = self.decoder(inputs_embeds=self._decoder_inputs(input_ids, z), attention_mask=attention_mask,
+                           position_ids=positions, cache=cache, use_cache=False)
+        return out.logits
+
+    def _word_dropout(self, inputs: torch.Tensor) -> torch.Tensor:
+        rate = self.config.word_dropout
+        if not self.training or rate <= 0:
+            return inputs
+        drop = torch.rand(inputs.shape, device=inputs.device) < rate
+        drop[:, 0] = False  # [BOS] always stays
+        return inputs.masked_fill(drop, self.unk_id)
+
+    def log_likelihood(self, batch: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+        """log p(x|z) in nats per sequence, summed over predicted tokens. z: [S, B, D] -> [S, B]."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        num_samples, batch_size = z.shape[0], ids.shape[0]
+        inputs = self._word_dropout(ids[:, :-1]).repeat(num_samples, 1)  # [S*B, T-1]
+        targets = ids[:, 1:].repeat(num_samples, 1)
+        target_mask = mask[:, 1:].repeat(num_samples, 1)
+        latent = z.reshape(num_samples * batch_size, -1) if self.uses_latent else None  # [S*B, D]
+        logits = self.decoder_logits(inputs, mask[:, :-1].repeat(num_samples, 1), latent)
+        token_nll = F.cross_entropy(logits.transpose(1, 2).float(), targets, reduction="none")  # [S*B, T-1]
+        return -(token_nll * target_mask).sum(-1).view(num_samples, batch_size)
+
+    def num_predicted_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return batch["attention_mask"].sum(-1) - 1  # [BOS] is read, never predicted
+
+    # ------------------------------------------------------------------ training terms
+    def forward_terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One-sample terms for the objectives: ``distortion`` [B] = -log p(x|z), z ~ q(z|x),
+        ``kl_per_dim`` [B, D] = KL(q(z_d|x) || N(0, 1)) (analytic), and the posterior."""
+        posterior = self.encode(batch)
+        z = self.sample_latent(posterior, 1)  # [1, B, D]
+        distortion = -self.log_likelihood(batch, z)[0]
+        prior = standard_normal_prior(self.latent_dim, dtype=posterior.loc.dtype, device=posterior.loc.device)
+        kl_per_dim = torch.distributions.kl_divergence(posterior, prior)  # [B, D]
+        if not self.uses_latent:
+            kl_per_dim = torch.zeros_like(kl_per_dim)
+        return {"distortion": distortion, "kl_per_dim": kl_per_dim, "posterior": posterior}
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, z: torch.Tensor | None, max_new_tokens: int = 40, *, greedy: bool = False,
+                 temperature: float = 1.0, num_sequences: int | None = None,
+                 generator: torch.Generator | None = None, return_logits: bool = False):
+        """Ancestral (or greedy) decoding with a KV cache. The latent stays in the cache (memory)
+        and is added to every new token's embedding (embedding), for every mechanism.
+
+        z: [B, D] (or None for the LM, then ``num_sequences`` rows). Returns token ids without
+        [BOS], cut after [EOS]; with ``return_logits`` also the per-step logits [N, steps, V]
+        (before temperature and masking), which must equal teacher-forced logits (tested).
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+        if temperature <= 0:
+            raise ValueError(f"temperature={temperature} must be > 0")
+        device = next(self.parameters()).device
+        if z is None or not self.uses_latent:
+            n = num_sequences if z is None else z.shape[0]
+            z = None
+        else:
+            n = z.shape[0]
+        cache = None
+        prefix = 0
+        if z is not None and self.config.injection in ("memory", "both"):
+            cache, prefix = self._memory_cache(z), 1
+        tokens = torch.full((n, 1), self.bos_id, dtype=torch.long, device=device)
+        finished = torch.zeros(n, dtype=torch.bool, device=device)
+        outputs, step_logits = [], []
+        for step in range(max_new_tokens):
+            attention = torch.ones(n, prefix + step + 1, dtype=torch.long, device=device)
+            positions = torch.full((n, 1), step, dtype=torch.long, device=device)
+            if cache is None:
+                from transformers import DynamicCache
+                cache = DynamicCache(config=self.decoder.config)
+            out = self.decoder(inputs_embeds=self._decoder_inputs(tokens, z), attention_mask=attention,
+                               position_ids=positions, cache=cache, use_cache=True)
+            step_logits.append(out.logits[:, -1].float())
+            logits = out.logits[:, -1].float() / temperature  # [N, V]
+            logits[:, self.pad_id] = -float("inf")
+            logits[:, self.bos_id] = -float("inf")
+            if greedy:
+                tokens = logits.argmax(-1, keepdim=True)
+            else:
+                tokens = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+            tokens = torch.where(finished.unsqueeze(1), torch.full_like(tokens, self.pad_id), tokens)
+            outputs.append(tokens)
+            finished |= tokens.squeeze(1) == self.eos_id
+            if finished.all():
+                break
+        ids = torch.cat(outputs, dim=1).tolist()
+        result = []
+        for row in ids:
+            row = [t for t in row if t != self.pad_id]
+            result.append(row[: row.index(self.eos_id) + 1] if self.eos_id in row else row)
+        if return_logits:
+            return result, torch.stack(step_logits, dim=1)
+        return result

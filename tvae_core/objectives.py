@@ -1,0 +1,174 @@
+"""Training objectives: small pure functions of the per-batch terms.
+
+Every objective takes ``distortion`` [B] (nats, -log p(x|z) for z ~ q(z|x)), ``kl_per_dim``
+[B, D] (analytic KL(q(z_d|x) || N(0, 1))) and the optimiser ``step``, and returns
+``(loss, diagnostics)``: a scalar to minimise and a dict of floats. ``rate`` in the diagnostics is
+always the *raw* rate E_x KL(q(z|x)||p(z)); what the objective optimised instead (a clamped
+free-bits term, a beta-weighted rate) is logged under its own name.
+
+Beta schedules
+--------------
+* ``constant``: beta = 1 (or ``ObjectiveConfig.beta`` for ``beta_vae``).
+* ``linear``: beta = min(1, step / warmup_steps) (Bowman et al., 2016).
+* ``cyclical`` (Fu et al., 2019): the run is split into ``num_cycles`` cycles *of optimiser
+  steps*; within each, beta = 0 for ``cycle_zero_fraction``, ramps linearly to 1 over
+  ``cycle_ramp_fraction``, then stays at 1. (The thesis code ticked per batch and spent half of
+  every epoch at beta = 0.)
+
+Free bits, three named variants (target rate r nats per sequence, lambda = r / D per dimension)
+-----------------------------------------------------------------------------------------------
+* ``example_dim`` (Li et al., 2020, Optimus; the thesis): mean_b sum_d max(lambda, KL_bd)
+* ``batch_dim`` (Kingma et al., 2016): sum_d max(lambda, mean_b KL_bd)
+* ``total``: max(r, mean_b sum_d KL_bd)
+Below the threshold the KL gradient is exactly zero, for the unit the variant clamps.
+
+Minimum desired rate (Pelsmaeker & Aziz, 2019)
+----------------------------------------------
+    min_{theta,phi} max_{lambda >= 0}  D + R + lambda (r - R)
+with lambda = softplus(u) updated by gradient *ascent* on u with its own optimiser
+(:class:`LagrangeMultiplier`). lambda rises while R < r and falls when R > r; once R >= r the
+constraint is slack and lambda -> 0, leaving the ELBO.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ObjectiveConfig
+
+
+# ------------------------------------------------------------------------------ schedules
+def beta_at(step: int, config: ObjectiveConfig, max_steps: int) -> float:
+    """The weight on the rate at optimiser step ``step`` (0-based)."""
+    schedule = config.beta_schedule
+    if config.name in ("cyc", "cyc_fb"):
+        schedule = "cyclical"
+    if config.name == "ae":
+        return 0.0
+    if schedule == "constant":
+        return config.beta if config.name == "beta_vae" else 1.0
+    if schedule == "linear":
+        if config.warmup_steps == 0:
+            return 1.0
+        return min(1.0, step / config.warmup_steps)
+    cycle_length = max_steps / config.num_cycles
+    position = (step % cycle_length) / cycle_length  # in [0, 1)
+    if position < config.cycle_zero_fraction:
+        return 0.0
+    if config.cycle_ramp_fraction == 0:
+        return 1.0
+    return min(1.0, (position - config.cycle_zero_fraction) / config.cycle_ramp_fraction)
+
+
+# ------------------------------------------------------------------------------ rate terms
+def free_bits_rate(kl_per_dim: torch.Tensor, target_rate: float, variant: str) -> torch.Tensor:
+    """The clamped rate term of free bits (see module docstring). kl_per_dim: [B, D] -> scalar."""
+    latent_dim = kl_per_dim.shape[-1]
+    per_dim = target_rate / latent_dim
+    if variant == "example_dim":
+        return torch.clamp(kl_per_dim, min=per_dim).sum(-1).mean()
+    if variant == "batch_dim":
+        return torch.clamp(kl_per_dim.mean(0), min=per_dim).sum()
+    if variant == "total":
+        return torch.clamp(kl_per_dim.sum(-1).mean(), min=target_rate)
+    raise ValueError(f"free_bits_variant={variant!r} is not accepted; accepted values: "
+                     "('example_dim', 'batch_dim', 'total')")
+
+
+class LagrangeMultiplier(nn.Module):
+    """lambda = softplus(u) >= 0 for the MDR constraint; ``u`` is trained by gradient ascent.
+
+    ``rate_ema`` (optional) smooths the rate that the multiplier sees, a buffer so that it is
+    saved in checkpoints and broadcast with the model state.
+    """
+
+    def __init__(self, lambda_init: float, rate_ema: float | None = None):
+        super().__init__()
+        if lambda_init <= 0:
+            raise ValueError(f"mdr_lambda_init={lambda_init!r} must be > 0")
+        u0 = lambda_init + math.log(-math.expm1(-lambda_init))  # softplus^{-1}(lambda_init)
+        self.u = nn.Parameter(torch.tensor(float(u0)))
+        self.rate_ema = rate_ema
+        self.register_buffer("smoothed_rate", torch.tensor(float("nan")))
+
+    @property
+    def value(self) -> torch.Tensor:
+        return F.softplus(self.u)
+
+    def constraint_signal(self, rate: torch.Tensor) -> torch.Tensor:
+        """The (detached) rate the multiplier reacts to: the batch rate, or its EMA."""
+        rate = rate.detach()
+        if self.rate_ema is None:
+            return rate
+        if torch.isnan(self.smoothed_rate):
+            self.smoothed_rate.copy_(rate)
+        else:
+            self.smoothed_rate.mul_(self.rate_ema).add_((1 - self.rate_ema) * rate)
+        return self.smoothed_rate.clone()
+
+    @staticmethod
+    def make_optimizer(multiplier: "LagrangeMultiplier", lr: float) -> torch.optim.Optimizer:
+        # plain SGD ascent: the step is lr * sigmoid(u) * (r - R), explicit and easy to reason about
+        return torch.optim.SGD(multiplier.parameters(), lr=lr, maximize=True)
+
+
+# ------------------------------------------------------------------------------ objectives
+def _base_diagnostics(distortion: torch.Tensor, kl_per_dim: torch.Tensor) -> dict[str, float]:
+    rate = kl_per_dim.sum(-1).mean()
+    d = distortion.mean()
+    return {"distortion": d.item(), "rate": rate.item(), "elbo": -(d + rate).item()}
+
+
+def elbo_loss(distortion, kl_per_dim, beta: float = 1.0):
+    """-ELBO with a weight on the rate: D + beta R (Kingma & Welling 2014; Higgins et al. 2017)."""
+    loss = distortion.mean() + beta * kl_per_dim.sum(-1).mean()
+    return loss, {**_base_diagnostics(distortion, kl_per_dim), "beta": float(beta), "loss": loss.item()}
+
+
+def free_bits_loss(distortion, kl_per_dim, target_rate: float, variant: str, beta: float = 1.0):
+    """D + beta * FB(KL) with the named free-bits variant (Kingma et al. 2016; Li et al. 2020)."""
+    clamped = free_bits_rate(kl_per_dim, target_rate, variant)
+    loss = distortion.mean() + beta * clamped
+    diagnostics = {**_base_diagnostics(distortion, kl_per_dim), "beta": float(beta),
+                   "free_bits_rate": clamped.item(), "loss": loss.item()}
+    return loss, diagnostics
+
+
+def mdr_loss(distortion, kl_per_dim, target_rate: float, multiplier: LagrangeMultiplier):
+    """D + R + lambda (r - R) (Pelsmaeker & Aziz 2019).
+
+    The model sees lambda as a constant; the multiplier sees the rate as a constant (or its EMA),
+    so one ``backward`` gives both: descent for the model, ascent (``maximize=True``) for u.
+    """
+    rate = kl_per_dim.sum(-1).mean()
+    lam = multiplier.value
+    model_loss = distortion.mean() + rate + lam.detach() * (target_rate - rate)
+    multiplier_objective = lam * (target_rate - multiplier.constraint_signal(rate))
+    loss = model_loss + multiplier_objective
+    diagnostics = {**_base_diagnostics(distortion, kl_per_dim), "mdr_lambda": lam.item(),
+                   "mdr_constraint": (target_rate - rate).item(), "loss": model_loss.item()}
+    if multiplier.rate_ema is not None:
+        diagnostics["mdr_smoothed_rate"] = multiplier.smoothed_rate.item()
+    return loss, diagnostics
+
+
+def compute_loss(terms: dict[str, torch.Tensor], config: ObjectiveConfig, step: int, max_steps: int,
+                 multiplier: LagrangeMultiplier | None = None):
+    """Dispatch on ``config.name``; returns ``(loss, diagnostics)``."""
+    distortion, kl_per_dim = terms["distortion"], terms["kl_per_dim"]
+    beta = beta_at(step, config, max_steps)
+    name = config.name
+    if name in ("vae", "cyc", "beta_vae", "ae"):
+        return elbo_loss(distortion, kl_per_dim, beta)
+    if name == "lm":
+        return elbo_loss(distortion, torch.zeros_like(kl_per_dim), 0.0)
+    if name in ("fb", "cyc_fb"):
+        return free_bits_loss(distortion, kl_per_dim, config.target_rate, config.free_bits_variant, beta)
+    if name == "mdr":
+        if multiplier is None:
+            raise ValueError("objective.name='mdr' needs a LagrangeMultiplier")
+        return mdr_loss(distortion, kl_per_dim, config.target_rate, multiplier)
+    raise ValueError(f"objective.name={name!r} is not accepted")

@@ -1,0 +1,116 @@
+"""One switch sets the run size: ``smoke`` (tests, CI), ``default`` (the book, 2-core CPU),
+``full`` (thesis scale, GPU).
+
+Every size-dependent setting of every notebook lives here, grouped by concern, so notebooks only
+take ``profile`` as a parameter and look the rest up with :func:`get_profile`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PROFILE_NAMES = ("smoke", "default", "full")
+
+
+@dataclass(frozen=True)
+class TrainingSize:
+    max_steps: int            # optimiser steps per run
+    batch_size: int
+    eval_every: int           # validation (rate, distortion, active units) every N steps
+    checkpoint_every: int     # resumable checkpoint every N steps
+    max_train_sentences: int | None  # None = the whole training split
+    max_eval_sentences: int | None   # sentences used for periodic validation
+    max_length: int = 64      # tokens, as in the thesis
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    latent_dim: int = 32      # the thesis uses 32 throughout (targets are 0.125..1 nat per dim)
+    vocab_size: int = 10_000  # word-level PTB vocabulary (the text-VAE literature's setting)
+
+
+@dataclass(frozen=True)
+class EstimatorSize:
+    iw_num_samples: int            # K for importance-weighted log-likelihood
+    iw_max_sentences: int | None   # None = whole test split
+    aggregate_num_points: int      # N for the aggregate posterior q(z)
+    mmd_num_samples: int
+    mmd_permutations: int
+
+
+@dataclass(frozen=True)
+class ExactVAESize:
+    num_points_ladder: tuple[int, ...]   # N for aggregate-posterior estimators vs the exact answer
+    num_samples_ladder: tuple[int, ...]  # K for the importance-weighted bound vs exact log p(x)
+    num_repeats: int                      # independent repeats to show the spread
+
+
+@dataclass(frozen=True)
+class MixedMembershipSize:
+    samples_per_group: int
+    num_components: int
+    num_steps: int
+    low_rank: int
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    training: TrainingSize
+    model: ModelSize
+    estimators: EstimatorSize
+    exact_vae: ExactVAESize
+    mmm: MixedMembershipSize
+    target_rates: tuple[float, ...] = field(default=(4.0, 8.0, 16.0, 24.0, 32.0))
+
+
+PROFILES: dict[str, Profile] = {
+    "smoke": Profile(
+        name="smoke",
+        training=TrainingSize(max_steps=30, batch_size=16, eval_every=15, checkpoint_every=15,
+                              max_train_sentences=512, max_eval_sentences=64, max_length=32),
+        model=ModelSize(hidden_size=32, num_layers=1, num_heads=2, latent_dim=8, vocab_size=2_000),
+        estimators=EstimatorSize(iw_num_samples=8, iw_max_sentences=32, aggregate_num_points=64,
+                                 mmd_num_samples=64, mmd_permutations=50),
+        exact_vae=ExactVAESize(num_points_ladder=(16, 64, 256), num_samples_ladder=(1, 4, 16),
+                               num_repeats=2),
+        mmm=MixedMembershipSize(samples_per_group=100, num_components=3, num_steps=50, low_rank=2),
+        target_rates=(2.0, 4.0),
+    ),
+    "default": Profile(
+        name="default",
+        training=TrainingSize(max_steps=1500, batch_size=64, eval_every=250, checkpoint_every=500,
+                              max_train_sentences=None, max_eval_sentences=1000),
+        model=ModelSize(hidden_size=128, num_layers=2, num_heads=4),
+        estimators=EstimatorSize(iw_num_samples=500, iw_max_sentences=None,
+                                 aggregate_num_points=3370, mmd_num_samples=1000,
+                                 mmd_permutations=500),
+        exact_vae=ExactVAESize(num_points_ladder=(64, 256, 1024, 4096, 16384),
+                               num_samples_ladder=(1, 4, 16, 64, 256, 1024), num_repeats=5),
+        mmm=MixedMembershipSize(samples_per_group=1000, num_components=10, num_steps=500,
+                                low_rank=4),
+    ),
+    "full": Profile(
+        name="full",
+        training=TrainingSize(max_steps=60_000, batch_size=32, eval_every=2_000,
+                              checkpoint_every=2_000, max_train_sentences=None,
+                              max_eval_sentences=None),
+        model=ModelSize(hidden_size=768, num_layers=12, num_heads=12, vocab_size=10_000),
+        estimators=EstimatorSize(iw_num_samples=500, iw_max_sentences=None,
+                                 aggregate_num_points=3761, mmd_num_samples=3000,
+                                 mmd_permutations=1000),
+        exact_vae=ExactVAESize(num_points_ladder=(64, 256, 1024, 4096, 16384, 65536),
+                               num_samples_ladder=(1, 4, 16, 64, 256, 1024, 4096), num_repeats=10),
+        mmm=MixedMembershipSize(samples_per_group=3000, num_components=20, num_steps=2000,
+                                low_rank=8),
+    ),
+}
+
+
+def get_profile(name: str) -> Profile:
+    """Look up a profile by name; fails early naming the accepted values."""
+    if name not in PROFILES:
+        raise ValueError(f"profile={name!r} is not a known profile; accepted values: {PROFILE_NAMES}")
+    return PROFILES[name]
