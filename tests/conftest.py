@@ -8,6 +8,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import sys  # noqa: E402
+
 import torch  # noqa: E402  (after the environment variables, before any test imports transformers)
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py
 
 torch.set_num_threads(1)

@@ -139,18 +139,25 @@ class TransformerVAE(nn.Module):
             embeds = embeds + self.latent_to_embedding(z).unsqueeze(1)
         return embeds
 
-    def decoder_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       z: torch.Tensor | None) -> torch.Tensor:
-        """Teacher-forced logits [N, T, V] for decoder inputs [N, T] given z [N, D]."""
+    def _decoder_call(self, module, input_ids, attention_mask, z):
         n, length = input_ids.shape
         cache = None
         if z is not None and self.config.injection in ("memory", "both"):
             cache = self._memory_cache(z)
             attention_mask = torch.cat([attention_mask.new_ones(n, 1), attention_mask], dim=1)
         positions = torch.arange(length, device=input_ids.device).unsqueeze(0).expand(n, -1)
-        out = self.decoder(inputs_embeds=self._decoder_inputs(input_ids, z), attention_mask=attention_mask,
-                           position_ids=positions, cache=cache, use_cache=False)
-        return out.logits
+        return module(inputs_embeds=self._decoder_inputs(input_ids, z), attention_mask=attention_mask,
+                      position_ids=positions, cache=cache, use_cache=False)
+
+    def decoder_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       z: torch.Tensor | None) -> torch.Tensor:
+        """Teacher-forced logits [N, T, V] for decoder inputs [N, T] given z [N, D]."""
+        return self._decoder_call(self.decoder, input_ids, attention_mask, z).logits
+
+    def decoder_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                              z: torch.Tensor | None) -> torch.Tensor:
+        """Last hidden states [N, T, H] of the decoder's base model (no LM head)."""
+        return self._decoder_call(self.decoder.base_model, input_ids, attention_mask, z).last_hidden_state
 
     def _word_dropout(self, inputs: torch.Tensor) -> torch.Tensor:
         rate = self.config.word_dropout
@@ -161,16 +168,23 @@ class TransformerVAE(nn.Module):
         return inputs.masked_fill(drop, self.unk_id)
 
     def log_likelihood(self, batch: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
-        """log p(x|z) in nats per sequence, summed over predicted tokens. z: [S, B, D] -> [S, B]."""
+        """log p(x|z) in nats per sequence, summed over predicted tokens. z: [S, B, D] -> [S, B].
+
+        The LM head (the most expensive layer: hidden x vocabulary) is applied to the real target
+        positions only, never to padding.
+        """
         ids, mask = batch["input_ids"], batch["attention_mask"]
         num_samples, batch_size = z.shape[0], ids.shape[0]
         inputs = self._word_dropout(ids[:, :-1]).repeat(num_samples, 1)  # [S*B, T-1]
         targets = ids[:, 1:].repeat(num_samples, 1)
-        target_mask = mask[:, 1:].repeat(num_samples, 1)
+        target_mask = mask[:, 1:].repeat(num_samples, 1).bool()
         latent = z.reshape(num_samples * batch_size, -1) if self.uses_latent else None  # [S*B, D]
-        logits = self.decoder_logits(inputs, mask[:, :-1].repeat(num_samples, 1), latent)
-        token_nll = F.cross_entropy(logits.transpose(1, 2).float(), targets, reduction="none")  # [S*B, T-1]
-        return -(token_nll * target_mask).sum(-1).view(num_samples, batch_size)
+        hidden = self.decoder_hidden_states(inputs, mask[:, :-1].repeat(num_samples, 1), latent)  # [S*B, T-1, H]
+        logits = self.decoder.get_output_embeddings()(hidden[target_mask])  # [M, V], M real targets
+        token_nll = F.cross_entropy(logits.float(), targets[target_mask], reduction="none")  # [M]
+        rows = torch.arange(targets.shape[0], device=ids.device).unsqueeze(1).expand_as(targets)[target_mask]
+        nll = torch.zeros(targets.shape[0], dtype=token_nll.dtype, device=ids.device).index_add(0, rows, token_nll)
+        return -nll.view(num_samples, batch_size)
 
     def num_predicted_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return batch["attention_mask"].sum(-1) - 1  # [BOS] is read, never predicted

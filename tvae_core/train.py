@@ -104,7 +104,7 @@ def validation_metrics(model: TransformerVAE, sequences: list[list[int]], pad_id
 
 
 def _check_finite(step: int, loss: torch.Tensor, terms: dict) -> None:
-    for name, value in (("loss", loss), ("distortion", terms["distortion"]), ("kl_per_dim", terms["kl_per_dim"])):
+    for name, value in (("distortion", terms["distortion"]), ("kl_per_dim", terms["kl_per_dim"]), ("loss", loss)):
         if not torch.isfinite(value).all():
             raise TrainingDiverged(f"non-finite {name} at step {step} "
                                    f"(value sample: {value.detach().flatten()[:4].tolist()}); "

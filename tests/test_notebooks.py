@@ -1,0 +1,72 @@
+"""Notebooks: every one runs through papermill in the smoke profile and checks what it computed;
+every one is in the book's table of contents with exactly one documented parameters cell; the
+book's executed copies were run with the default profile."""
+from pathlib import Path
+
+import nbformat
+import papermill
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+EXECUTED = ROOT / "book" / "notebooks"
+
+
+def _toc_files():
+    toc = yaml.safe_load((ROOT / "book" / "_toc.yml").read_text())
+    files = [toc["root"]]
+    for part in toc.get("parts", []):
+        files += [chapter["file"] for chapter in part["chapters"]]
+    return files
+
+
+def test_there_are_notebooks():
+    assert len(NOTEBOOKS) >= 6
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_is_in_the_toc_with_one_documented_parameters_cell(path):
+    assert f"notebooks/{path.stem}" in _toc_files()
+    nb = nbformat.read(str(path), as_version=4)
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"{path.name}: {len(tagged)} cells tagged parameters"
+    params = papermill.inspect_notebook(str(path))
+    assert {"profile", "seed"} <= set(params)
+    for name, spec in params.items():
+        assert spec["help"].strip(), f"{path.name}: parameter {name} has no description"
+        assert spec["inferred_type_name"] not in ("None", ""), f"{path.name}: parameter {name} has no type"
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), \
+        f"{path.name}: the source notebook must be committed without outputs"
+
+
+def _glued_names(nb) -> set[str]:
+    names = set()
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            names |= set(output.get("metadata", {}).get("scrapbook", {}).get("name", "").split()) - {""}
+    return names
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_in_the_smoke_profile(path, tmp_path):
+    out = tmp_path / path.name
+    papermill.execute_notebook(str(path), str(out), parameters={"profile": "smoke", "show_progress": False},
+                               cwd=str(ROOT), progress_bar=False)
+    nb = nbformat.read(str(out), as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.execution_count is not None for c in code), "not every cell ran"
+    assert not any(o.get("output_type") == "error" for c in code for o in c.outputs)
+    # the notebook's closing cell asserts on what it computed; it must be there and have run
+    assert any("assert " in c.source for c in code[-3:]), f"{path.name} ends without checks"
+    assert len(_glued_names(nb)) >= 3, f"{path.name} glues fewer than 3 results into its prose"
+
+
+def test_book_notebooks_were_executed_with_the_default_profile():
+    executed = sorted(EXECUTED.glob("[0-9][0-9]_*.ipynb"))
+    assert [p.name for p in executed] == [p.name for p in NOTEBOOKS], "run `make execute` to refresh the book"
+    for path in executed:
+        nb = nbformat.read(str(path), as_version=4)
+        assert nb.metadata["papermill"]["parameters"]["profile"] == "default", path.name
+        assert nb.metadata["tvae_provenance"]["profile"] == "default", path.name

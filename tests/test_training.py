@@ -1,0 +1,162 @@
+"""Training and the run cache: end to end, determinism, resume after SIGKILL, damaged entries,
+numerical guards."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import tiny_config, write_corpus
+from tvae_core.runs import DamagedRunError, load_run, train_or_load, validate_run_dir
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")
+
+
+@pytest.fixture(autouse=True)
+def isolated_data_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr("tvae_core.data.DEFAULT_CACHE_DIR", tmp_path / "data-cache")
+
+
+def _run_cli(config, runs_dir, extra_env=None, wait=True):
+    path = Path(runs_dir) / f"config-{config.key}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config.to_dict()))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TVAE_DATA_CACHE": str(Path(runs_dir) / "data-cache"),
+           **(extra_env or {})}
+    cmd = [sys.executable, "-m", "tvae_core", "train", "--config", str(path), "--runs-dir", str(runs_dir), "--quiet"]
+    if wait:
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("objective,target", [("vae", None), ("fb", 2.0), ("mdr", 2.0), ("cyc_fb", 2.0), ("ae", None)])
+def test_train_then_load_from_cache(corpus, tmp_path, objective, target):
+    cfg = tiny_config(corpus, objective, target)
+    run = train_or_load(cfg, tmp_path, progress=False)
+    assert run.path.name == cfg.key and (run.path / "model.safetensors").is_file()
+    assert len(run.history["train"]) == cfg.train.max_steps
+    assert all(torch.isfinite(torch.tensor(h["rate"])) for h in run.history["train"])
+    if objective == "mdr":
+        assert all("mdr_lambda" in h for h in run.history["train"]) and "mdr_lambda" in run.metrics
+    mtime = (run.path / "model.safetensors").stat().st_mtime
+    again = train_or_load(cfg, tmp_path, progress=False)  # loaded, not retrained
+    assert (again.path / "model.safetensors").stat().st_mtime == mtime
+    assert again.metrics == run.metrics
+
+
+def test_same_config_and_seed_give_bit_identical_metrics_across_processes(corpus, tmp_path):
+    cfg = tiny_config(corpus, "mdr", 2.0, max_steps=6)
+    for name in ("a", "b"):
+        result = _run_cli(cfg, tmp_path / name)
+        assert result.returncode == 0, result.stderr[-2000:]
+    history_a = json.loads((tmp_path / "a" / cfg.key / "history.json").read_text())
+    history_b = json.loads((tmp_path / "b" / cfg.key / "history.json").read_text())
+    assert history_a == history_b
+    other_seed = tiny_config(corpus, "mdr", 2.0, max_steps=6, seed=1)
+    assert other_seed.key != cfg.key
+
+
+def test_killed_run_resumes_and_matches_uninterrupted(corpus, tmp_path):
+    cfg = tiny_config(corpus, "mdr", 2.0, max_steps=60, checkpoint_every=10)
+    reference = _run_cli(cfg, tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    killed_dir = tmp_path / "killed"
+    process = _run_cli(cfg, killed_dir, wait=False)
+    state = killed_dir / f"{cfg.key}.partial" / "checkpoint" / "state.json"
+    deadline = time.time() + 240
+    while not state.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert state.exists(), "the run finished or failed before its first checkpoint"
+    assert not (killed_dir / cfg.key).exists()
+    step = json.loads(state.read_text())["step"]
+    assert 0 < step < cfg.train.max_steps
+
+    resumed = _run_cli(cfg, killed_dir)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    meta = json.loads((killed_dir / cfg.key / "meta.json").read_text())
+    assert meta["resumed_from_step"] >= step
+    for name in ("metrics.json", "history.json"):
+        assert json.loads((killed_dir / cfg.key / name).read_text()) == \
+            json.loads((tmp_path / "reference" / cfg.key / name).read_text())
+
+
+def _damage_missing(path):
+    (path / "history.json").unlink()
+
+
+def _damage_truncated(path):
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def _damage_hash(path):
+    stored = json.loads((path / "config.json").read_text())
+    stored["train"]["max_steps"] += 1
+    (path / "config.json").write_text(json.dumps(stored))
+
+
+def _damage_version(path):
+    meta = json.loads((path / "meta.json").read_text())
+    meta["cache_format_version"] = -1
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("damage,reason", [(_damage_missing, "missing"), (_damage_truncated, "unreadable"),
+                                           (_damage_hash, "hash"), (_damage_version, "format version")])
+def test_damaged_cache_entry_is_detected_reported_and_retrained(corpus, tmp_path, caplog, damage, reason):
+    cfg = tiny_config(corpus, "vae", max_steps=4)
+    run = train_or_load(cfg, tmp_path, progress=False)
+    damage(run.path)
+    with pytest.raises(DamagedRunError, match=reason):
+        validate_run_dir(run.path, cfg)
+    with pytest.raises(DamagedRunError):
+        load_run(cfg, tmp_path)
+    with caplog.at_level("WARNING"):
+        retrained = train_or_load(cfg, tmp_path, progress=False)
+    assert "damaged" in caplog.text
+    validate_run_dir(retrained.path, cfg)
+    assert any(p.name.startswith(f"{cfg.key}.damaged-") for p in tmp_path.iterdir())
+    assert retrained.metrics == run.metrics  # same config and seed: same numbers
+
+
+def test_non_finite_loss_stops_with_a_diagnostic(corpus, tmp_path, monkeypatch):
+    from tvae_core.model import TransformerVAE
+    from tvae_core.train import TrainingDiverged
+
+    original = TransformerVAE.forward_terms
+    calls = {"n": 0}
+
+    def poisoned(self, batch):
+        terms = original(self, batch)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            terms["distortion"] = terms["distortion"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(TransformerVAE, "forward_terms", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"non-finite distortion at step 2"):
+        train_or_load(tiny_config(corpus, "vae", max_steps=6), tmp_path, progress=False)
+    assert not (tmp_path / tiny_config(corpus, "vae", max_steps=6).key).exists()
+
+
+def test_cli_prints_where_the_run_is_stored_and_its_metrics(corpus, tmp_path):
+    result = _run_cli(tiny_config(corpus, "fb", 2.0, max_steps=4), tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert "run stored in" in lines[-2]
+    summary = json.loads(lines[-1])
+    assert summary["metrics"]["rate"] >= 0 and summary["label"] == "tiny-fb"

@@ -1,0 +1,148 @@
+"""Execute the notebooks into the book (papermill) and render it (jupyter-book 1.x, strict).
+
+``execute`` runs every ``notebooks/NN_*.ipynb`` with the profile's parameters into
+``book/notebooks/`` and stamps each with its provenance (profile, parameters, run time, package
+versions). A failing notebook stops the pipeline with a message naming the notebook and the cell,
+and never replaces the book's copy. ``render`` writes the provenance page from those stamps,
+copies MathJax for offline math and builds the HTML with warnings as errors; the book itself never
+executes code (``execute_notebooks: off``).
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS_DIR = ROOT / "notebooks"
+BOOK_DIR = ROOT / "book"
+EXECUTED_DIR = BOOK_DIR / "notebooks"
+PROVENANCE_PACKAGES = ("torch", "transformers", "datasets", "tokenizers", "pyro-ppl", "papermill",
+                       "jupyter-book", "numpy", "matplotlib", "tvae_core")
+
+
+class NotebookFailed(RuntimeError):
+    pass
+
+
+def source_notebooks() -> list[Path]:
+    return sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in PROVENANCE_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def execute_notebook(source: Path, output: Path, profile: str, kernel: str | None = None,
+                     extra_parameters: dict | None = None) -> float:
+    """Run one notebook with papermill; raise :class:`NotebookFailed` naming notebook and cell."""
+    import nbformat
+    import papermill
+
+    parameters = {"profile": profile, "show_progress": True, **(extra_parameters or {})}
+    tmp = output.with_name(output.stem + ".running.ipynb")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    try:
+        papermill.execute_notebook(str(source), str(tmp), parameters=parameters, kernel_name=kernel,
+                                   cwd=str(ROOT), progress_bar=False, log_output=False)
+    except papermill.PapermillExecutionError as err:
+        raise NotebookFailed(f"notebook {source.name} failed in cell {err.cell_index} "
+                             f"(execution count {err.exec_count}): {err.ename}: {err.evalue}") from None
+    seconds = time.time() - started
+    nb = nbformat.read(str(tmp), as_version=4)
+    nb.metadata["tvae_provenance"] = {
+        "profile": profile, "parameters": nb.metadata.get("papermill", {}).get("parameters", parameters),
+        "seconds": round(seconds, 1), "executed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": package_versions(), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+    }
+    nbformat.write(nb, str(tmp))
+    os.replace(tmp, output)
+    return seconds
+
+
+def execute_all(profile: str, kernel: str | None = None, only: list[str] | None = None) -> int:
+    notebooks = [nb for nb in source_notebooks() if not only or any(nb.stem.startswith(o) for o in only)]
+    failures = []
+    total = time.time()
+    for source in notebooks:
+        print(f"[execute] {source.name} (profile={profile}) ...", flush=True)
+        try:
+            seconds = execute_notebook(source, EXECUTED_DIR / source.name, profile, kernel)
+            print(f"[execute] {source.name}: {seconds:.1f} s", flush=True)
+        except NotebookFailed as err:
+            print(f"[execute] FAILED: {err}", file=sys.stderr, flush=True)
+            failures.append(str(err))
+            (EXECUTED_DIR / (source.stem + ".running.ipynb")).unlink(missing_ok=True)
+    print(f"[execute] {len(notebooks) - len(failures)}/{len(notebooks)} notebooks in {time.time() - total:.1f} s")
+    if failures:
+        print("\n".join(["[execute] failures:"] + failures), file=sys.stderr)
+        return 1
+    return 0
+
+
+def write_provenance_page() -> Path:
+    """book/provenance.md: per executed notebook its profile, parameters, run time and versions."""
+    import nbformat
+
+    lines = ["# Provenance", "",
+             "Every page of this book was executed by papermill (`make execute`) before rendering; the "
+             "book itself never runs code. This page is generated from the stamps that execution left in "
+             "each notebook's metadata.", ""]
+    for path in sorted(EXECUTED_DIR.glob("[0-9][0-9]_*.ipynb")):
+        nb = nbformat.read(str(path), as_version=4)
+        stamp = nb.metadata.get("tvae_provenance")
+        lines += [f"## `{path.stem}`", ""]
+        if not stamp:
+            lines += ["No provenance stamp: this notebook was not executed by `make execute`.", ""]
+            continue
+        lines += [f"- profile: `{stamp['profile']}`", f"- executed: {stamp['executed_at']} on {stamp['machine']}",
+                  f"- run time: {stamp['seconds']:.1f} s (runs loaded from the cache count as loading time)", "",
+                  "| parameter | value |", "|---|---|"]
+        lines += [f"| `{k}` | `{v!r}` |" for k, v in stamp["parameters"].items()]
+        lines += ["", "| package | version |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in stamp["versions"].items()]
+        lines += [""]
+    out = BOOK_DIR / "provenance.md"
+    out.write_text("\n".join(lines))
+    return out
+
+
+def copy_mathjax() -> Path:
+    """MathJax 2.7 from the PyPI package jupyter-server-mathjax into book/_static/mathjax, so math
+    renders without internet and from pages opened from disk."""
+    spec = importlib.util.find_spec("jupyter_server_mathjax")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("MathJax for offline math needs `pip install --no-deps jupyter-server-mathjax==0.2.6` "
+                           "(done by `make install`)")
+    source = Path(list(spec.submodule_search_locations)[0]) / "static"
+    target = BOOK_DIR / "_static" / "mathjax"
+    if not (target / "MathJax.js").is_file():
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(source, target)
+    return target
+
+
+def render(strict: bool = True) -> int:
+    write_provenance_page()
+    copy_mathjax()
+    cmd = [sys.executable, "-m", "jupyter_book", "build", str(BOOK_DIR), "--builder", "html"]
+    if strict:
+        cmd += ["-W", "-n", "--keep-going"]
+    result = subprocess.run(cmd, cwd=ROOT)
+    if result.returncode == 0:
+        print(f"[render] book written to {BOOK_DIR / '_build' / 'html' / 'index.html'}")
+    return result.returncode

@@ -1,0 +1,163 @@
+"""Cached evaluation of a trained run on held-out data, shared by the notebooks.
+
+:func:`evaluate_run` computes, for one run and one profile, on the test split:
+
+* single-sample rate / distortion / ELBO (nats per sentence, per token, perplexity bound);
+* the importance-weighted bound on log p(x) with K = ``estimators.iw_num_samples``;
+* the posterior parameters of every test sentence (kept as safetensors, for histograms, MMD and
+  the mixed membership model) and, from them, the aggregate-posterior index-code MI and marginal
+  KL (self-term and leave-one-out estimators, each with its ceiling), total correlation and
+  dimension-wise KL;
+* active units and KL per dimension;
+* an MMD two-sample test of q(z) samples against prior samples.
+
+Results are written next to the run (``evaluation-<key>.json`` + ``posterior-<key>.safetensors``)
+atomically; a damaged or stale entry is recomputed. Re-executing the book recomputes nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from . import estimators as est
+from .data import iterate_batches
+from .profiles import EstimatorSize, Profile, get_profile
+from .runs import Run, write_json_atomic
+
+log = logging.getLogger(__name__)
+EVALUATION_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RunEvaluation:
+    label: str
+    run_key: str
+    split: str
+    num_sentences: int
+    num_tokens: int
+    rate: float
+    distortion: float
+    elbo: float
+    elbo_per_token: float
+    perplexity_bound: float
+    iw_num_samples: int
+    iw_num_sentences: int
+    iw_log_likelihood: float
+    iw_log_likelihood_se: float
+    iw_perplexity: float
+    elbo_on_iw_sentences: float
+    mutual_information: float          # self term included: a lower estimate, capped at log N
+    mutual_information_ceiling: float
+    mutual_information_at_ceiling: bool
+    mutual_information_loo: float      # leave-one-out: an upper estimate
+    marginal_kl: float                 # self term included: an upper estimate
+    marginal_kl_loo: float             # leave-one-out: a lower estimate
+    total_correlation: float
+    dimensionwise_kl: float
+    active_units: int
+    kl_per_dimension: list
+    mmd_statistic: float               # unbiased MMD^2, median-heuristic kernel mix
+    mmd_p_value: float
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _evaluation_key(run: Run, size: EstimatorSize, split: str, seed: int) -> str:
+    payload = {"run": run.config.key, "size": asdict(size), "split": split, "seed": seed,
+               "format": EVALUATION_FORMAT_VERSION}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def evaluation_corpus(run: Run):
+    from .train import load_training_corpus
+
+    return load_training_corpus(run.config)
+
+
+def posterior_parameters(run: Run, profile: str | Profile, split: str = "test", seed: int = 0):
+    """loc, scale [N, D] (float64) of q(z|x) for every sentence of ``split`` (cached)."""
+    evaluate_run(run, profile, split, seed)
+    size = (get_profile(profile) if isinstance(profile, str) else profile).estimators
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(run.path / f"posterior-{_evaluation_key(run, size, split, seed)}.safetensors"))
+    return tensors["loc"], tensors["scale"]
+
+
+def evaluate_run(run: Run, profile: str | Profile, split: str = "test", seed: int = 0, *,
+                 progress: bool = True) -> RunEvaluation:
+    """All held-out numbers of one run (cached next to the run; see the module docstring)."""
+    from safetensors.torch import load_file, save_file
+
+    p = get_profile(profile) if isinstance(profile, str) else profile
+    size = p.estimators
+    key = _evaluation_key(run, size, split, seed)
+    json_path = run.path / f"evaluation-{key}.json"
+    tensor_path = run.path / f"posterior-{key}.safetensors"
+    if json_path.is_file() and tensor_path.is_file():
+        try:
+            stored = json.loads(json_path.read_text())
+            load_file(str(tensor_path))
+            return RunEvaluation(**stored)
+        except Exception as err:  # damaged: recompute
+            log.warning("evaluation cache %s is damaged (%s); recomputing", json_path, err)
+
+    started = time.time()
+    model = run.model.eval()
+    corpus = evaluation_corpus(run)
+    sequences = corpus.token_ids(split)
+    pad = run.vocab.pad_id
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+
+    def batches(seqs, batch_size=128):
+        return iterate_batches(seqs, batch_size, pad, shuffle=False, bucket=False)
+
+    bounds = est.evaluate_bounds(model, batches(sequences), generator=generator, progress=progress)
+    iw_seqs = sequences[: size.iw_max_sentences] if size.iw_max_sentences else sequences
+    iw_batch = max(1, 2048 // max(1, min(size.iw_num_samples, 100)))
+    iw = est.evaluate_log_likelihood(model, batches(iw_seqs, iw_batch), num_samples=size.iw_num_samples,
+                                     chunk_size=min(size.iw_num_samples, 100), generator=generator,
+                                     progress=progress)
+    elbo_iw = est.evaluate_bounds(model, batches(iw_seqs), generator=generator, progress=False).elbo
+    params = est.collect_posterior_parameters(model, batches(sequences), progress=False)
+    with_self, loo = est.self_and_leave_one_out_terms(params.loc, params.scale, generator=generator,
+                                                      decompose=True)
+    units = est.active_units(params.loc)
+    kl_dims = est.kl_per_dimension(params.loc, params.scale)
+    n_mmd = min(size.mmd_num_samples, params.loc.shape[0])
+    z_q = est.sample_aggregate_posterior(params.loc[:n_mmd], params.scale[:n_mmd], 1, generator).reshape(n_mmd, -1)
+    z_p = torch.randn(n_mmd, params.loc.shape[1], generator=generator, dtype=torch.float64)
+    mmd = est.mmd_permutation_test(z_q, z_p, num_permutations=size.mmd_permutations, generator=generator)
+
+    result = RunEvaluation(
+        label=run.label, run_key=run.config.key, split=split, num_sentences=bounds.num_sequences,
+        num_tokens=bounds.num_tokens, rate=bounds.rate, distortion=bounds.distortion, elbo=bounds.elbo,
+        elbo_per_token=bounds.elbo_per_token, perplexity_bound=bounds.perplexity,
+        iw_num_samples=size.iw_num_samples, iw_num_sentences=iw.num_sequences,
+        iw_log_likelihood=iw.mean, iw_log_likelihood_se=iw.standard_error, iw_perplexity=iw.perplexity,
+        elbo_on_iw_sentences=elbo_iw,
+        mutual_information=with_self.mutual_information.value,
+        mutual_information_ceiling=with_self.mutual_information.ceiling,
+        mutual_information_at_ceiling=bool(with_self.mutual_information.at_ceiling),
+        mutual_information_loo=loo.mutual_information.value,
+        marginal_kl=with_self.marginal_kl.value, marginal_kl_loo=loo.marginal_kl.value,
+        total_correlation=float(with_self.total_correlation),
+        dimensionwise_kl=float(with_self.dimensionwise_kl),
+        active_units=int(units.num_active), kl_per_dimension=[float(v) for v in kl_dims],
+        mmd_statistic=float(mmd.mmd2), mmd_p_value=float(mmd.p_value),
+        seconds=time.time() - started,
+    )
+    tmp = tensor_path.with_name(tensor_path.name + f".tmp-{os.getpid()}")
+    save_file({"loc": params.loc.contiguous(), "scale": params.scale.contiguous()}, str(tmp))
+    os.replace(tmp, tensor_path)
+    write_json_atomic(json_path, result.as_dict())
+    return result

@@ -1,0 +1,90 @@
+"""The runs of the book, named once: the thesis grid and the collapse study.
+
+Every notebook asks for runs through these functions, so two notebooks that need "FB at 16
+nats" get the same config, hence the same cache entry, and nothing is trained twice.
+"""
+from __future__ import annotations
+
+from .config import DataConfig, ModelConfig, ObjectiveConfig, RunConfig, TrainConfig
+from .profiles import Profile, get_profile
+
+METHODS = ("VAE", "AE", "CYC", "FB", "MDR", "CYC-FB")
+TARGETED_METHODS = ("FB", "MDR", "CYC-FB")
+_OBJECTIVE_OF = {"VAE": "vae", "AE": "ae", "CYC": "cyc", "FB": "fb", "MDR": "mdr", "CYC-FB": "cyc_fb", "LM": "lm"}
+
+
+def base_config(profile: str | Profile, seed: int = 0) -> RunConfig:
+    """The profile's data, model and training settings with the plain VAE objective."""
+    p = get_profile(profile) if isinstance(profile, str) else profile
+    t, m = p.training, p.model
+    return RunConfig(
+        data=DataConfig(vocab_size=m.vocab_size, max_length=t.max_length,
+                        max_train_sentences=t.max_train_sentences, max_eval_sentences=t.max_eval_sentences),
+        model=ModelConfig(hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
+                          latent_dim=m.latent_dim),
+        objective=ObjectiveConfig(name="vae"),
+        train=TrainConfig(max_steps=t.max_steps, batch_size=t.batch_size, eval_every=t.eval_every,
+                          checkpoint_every=t.checkpoint_every, seed=seed,
+                          lr_warmup_steps=min(100, max(1, t.max_steps // 10))),
+        label="VAE",
+    )
+
+
+def method_config(method: str, profile: str | Profile, target_rate: float | None = None, seed: int = 0,
+                  free_bits_variant: str = "example_dim") -> RunConfig:
+    """The config of one method of the thesis grid (``target_rate`` in nats for FB/MDR/CYC-FB)."""
+    if method not in _OBJECTIVE_OF:
+        raise ValueError(f"method={method!r} is not accepted; accepted values: {tuple(_OBJECTIVE_OF)}")
+    if method in TARGETED_METHODS and target_rate is None:
+        raise ValueError(f"method={method!r} needs target_rate (nats)")
+    base = base_config(profile, seed)
+    objective = {"name": _OBJECTIVE_OF[method], "target_rate": target_rate if method in TARGETED_METHODS else None}
+    if method in ("FB", "CYC-FB"):
+        objective["free_bits_variant"] = free_bits_variant
+    label = method if target_rate is None or method not in TARGETED_METHODS else f"{method} {target_rate:g}"
+    if method in ("FB", "CYC-FB") and free_bits_variant != "example_dim":
+        label += f" ({free_bits_variant})"
+    model = {"injection": "none"} if method == "LM" else {}
+    return base.replace(objective=objective, model=model, label=label)
+
+
+def thesis_grid(profile: str | Profile, seed: int = 0) -> dict[str, RunConfig]:
+    """VAE, AE, CYC, and FB / MDR / CYC-FB at every target rate of the profile (label -> config)."""
+    p = get_profile(profile) if isinstance(profile, str) else profile
+    runs = {m: method_config(m, p, seed=seed) for m in ("VAE", "AE", "CYC")}
+    for method in TARGETED_METHODS:
+        for rate in p.target_rates:
+            cfg = method_config(method, p, rate, seed)
+            runs[cfg.label] = cfg
+    return runs
+
+
+def free_bits_variants(profile: str | Profile, target_rate: float, seed: int = 0) -> dict[str, RunConfig]:
+    """FB at one target rate in its three variants (the example_dim one is shared with the grid)."""
+    return {v: method_config("FB", profile, target_rate, seed, free_bits_variant=v)
+            for v in ("example_dim", "batch_dim", "total")}
+
+
+def collapse_study(profile: str | Profile, word_dropouts=(0.5, 1.0), seed: int = 0) -> dict[str, RunConfig]:
+    """The plain VAE with the full autoregressive decoder, weakened decoders (word dropout) and
+    the decoder-only LM."""
+    runs = {"VAE": method_config("VAE", profile, seed=seed)}
+    for rate in word_dropouts:
+        cfg = runs["VAE"].replace(model={"word_dropout": rate}, label=f"VAE, word dropout {rate:g}")
+        runs[cfg.label] = cfg
+    runs["LM"] = method_config("LM", profile, seed=seed)
+    return runs
+
+
+def all_book_runs(profile: str | Profile, seed: int = 0) -> dict[str, RunConfig]:
+    """Every run the book's notebooks train (label -> config), de-duplicated by cache key."""
+    p = get_profile(profile) if isinstance(profile, str) else profile
+    runs: dict[str, RunConfig] = {}
+    middle = p.target_rates[len(p.target_rates) // 2]
+    for group in (collapse_study(p, seed=seed), thesis_grid(p, seed), free_bits_variants(p, middle, seed)):
+        for cfg in group.values():
+            runs.setdefault(cfg.label, cfg)
+    unique = {}
+    for label, cfg in runs.items():
+        unique.setdefault(cfg.key, (label, cfg))
+    return {label: cfg for label, cfg in unique.values()}

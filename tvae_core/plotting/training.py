@@ -1,0 +1,394 @@
+"""Figures of trained runs: training curves, the rate-distortion plane, achieved vs target rate,
+MDR multiplier trajectories, KL per latent dimension and per-run dot plots.
+
+Runs are identified by their label (``"VAE"``, ``"FB 16"``, ``"CYC-FB 4 (total)"``,
+``"VAE, word dropout 1"``); :func:`method_of_label` maps a label to its method, whose colour
+(:data:`~.style.METHOD_COLOURS`) and marker are used everywhere. Several runs of one method (the
+target rates of FB, or word-dropout variants of the VAE) get shades of that colour, light for
+low targets and dark for high ones (:func:`run_styles`).
+
+Tables of runs are ``pandas.DataFrame`` objects with one row per run and the columns named
+below (``method``, ``rate``, ``distortion``, ``target_rate`` ...); histories are the
+``Run.history`` dicts written by :func:`tvae_core.train.train`.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from matplotlib.colors import to_hex, to_rgb
+
+from .style import METHOD_COLOURS, METHOD_MARKERS, new_figure
+
+__all__ = [
+    "method_of_label", "shades", "run_styles", "smooth", "plot_training_curves",
+    "plot_rate_distortion_plane", "plot_elbo_vs_rate", "plot_achieved_vs_target",
+    "plot_multiplier_trajectories", "plot_rate_against_target", "plot_kl_per_dimension",
+    "plot_run_dots",
+]
+
+_METHOD_PATTERN = re.compile(r"^(CYC-FB|VAE|AE|CYC|FB|MDR|LM)\b")
+_NEUTRAL = "#555555"
+
+
+# ------------------------------------------------------------------------------ labels and colours
+def method_of_label(label: str) -> str:
+    """The method of a run label: ``"FB 16 (total)"`` -> ``"FB"``, ``"VAE, word dropout 1"`` -> ``"VAE"``.
+
+    Labels that name no method of :data:`METHOD_COLOURS` are returned unchanged.
+    """
+    match = _METHOD_PATTERN.match(label)
+    return match.group(1) if match else label
+
+
+def shades(colour: str, n: int, lightest: float = 0.55, darkest: float = 0.35) -> list[str]:
+    """``n`` shades of ``colour`` from light (mixed with white) to dark (mixed with black).
+
+    With ``n == 1`` the colour itself. ``lightest``/``darkest``: the share of white/black in the
+    two extreme shades.
+    """
+    if n < 1:
+        raise ValueError(f"n={n} must be >= 1")
+    if n == 1:
+        return [to_hex(colour)]
+    base = np.array(to_rgb(colour))
+    out = []
+    for t in np.linspace(-lightest, darkest, n):  # < 0: towards white, > 0: towards black
+        rgb = base + (-t) * (1.0 - base) if t < 0 else base * (1.0 - t)
+        out.append(to_hex(np.clip(rgb, 0.0, 1.0)))
+    return out
+
+
+def run_styles(labels: Sequence[str], colours: Mapping[str, str] | None = None) -> dict[str, dict]:
+    """Line/marker style per run label: the method's colour (shaded when a method has several
+    runs, in the order given) and marker. ``colours`` overrides the colour of given labels.
+
+    Returns ``{label: {"color": ..., "marker": ..., "method": ...}}``.
+    """
+    labels = list(labels)
+    by_method: dict[str, list[str]] = {}
+    for label in labels:
+        by_method.setdefault(method_of_label(label), []).append(label)
+    styles = {}
+    for method, members in by_method.items():
+        base = METHOD_COLOURS.get(method, _NEUTRAL)
+        for label, colour in zip(members, shades(base, len(members))):
+            styles[label] = {"color": colour, "marker": METHOD_MARKERS.get(method, "o"), "method": method}
+    for label, colour in (colours or {}).items():
+        if label in styles:
+            styles[label]["color"] = colour
+    return styles
+
+
+# ------------------------------------------------------------------------------ training curves
+def smooth(values: Sequence[float], window: int) -> np.ndarray:
+    """Centred moving average over ``window`` steps; the edges average what is there (no
+    shrinking towards zero). ``window <= 1`` returns the values unchanged."""
+    values = np.asarray(values, dtype=float)
+    if window <= 1 or values.size == 0:
+        return values
+    window = min(int(window), values.size)
+    kernel = np.ones(window)
+    sums = np.convolve(values, kernel, mode="same")
+    counts = np.convolve(np.ones_like(values), kernel, mode="same")
+    return sums / counts
+
+
+def _train_series(history: Mapping, quantity: str) -> tuple[np.ndarray, np.ndarray]:
+    rows = [r for r in history.get("train", []) if quantity in r]
+    return (np.array([r["step"] + 1 for r in rows], dtype=float),  # after step t, t + 1 steps are done
+            np.array([r[quantity] for r in rows], dtype=float))
+
+
+def _valid_series(history: Mapping, quantity: str) -> tuple[np.ndarray, np.ndarray]:
+    rows = [r for r in history.get("valid", []) if quantity in r]
+    return np.array([r["step"] for r in rows], dtype=float), np.array([r[quantity] for r in rows], dtype=float)
+
+
+def plot_training_curves(histories: Mapping[str, Mapping], quantity: str = "rate", ax=None,
+                         window: int = 25, show_train: bool = True, show_valid: bool = True,
+                         colours: Mapping[str, str] | None = None, ylabel: str | None = None,
+                         title: str | None = None, logy: bool = False, legend: bool = True,
+                         targets: Mapping[str, float] | None = None):
+    """One quantity over training, one colour per run.
+
+    Training values (one minibatch per step) are drawn thin, smoothed with a ``window``-step
+    moving average; validation values (the held-out validation subset, every ``eval_every``
+    steps) are drawn as a line with markers. ``targets`` (label -> target rate) adds a dashed
+    horizontal line per run. ``histories``: label -> ``Run.history``.
+    """
+    if ax is None:
+        ax = new_figure("single")[1][0, 0]
+    styles = run_styles(list(histories), colours)
+    for label, history in histories.items():
+        style = styles[label]
+        if show_train:
+            steps, values = _train_series(history, quantity)
+            if steps.size:
+                ax.plot(steps, smooth(values, window), color=style["color"], lw=1.0,
+                        alpha=0.55 if show_valid else 1.0,
+                        label=None if show_valid else label)
+        if show_valid:
+            steps, values = _valid_series(history, quantity)
+            if steps.size:
+                ax.plot(steps, values, color=style["color"], lw=1.8, marker=style["marker"], ms=6,
+                        label=label)
+        if targets and label in targets:
+            ax.axhline(targets[label], color=style["color"], ls="--", lw=1.0)
+    if logy:
+        ax.set_yscale("symlog", linthresh=0.1)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel(ylabel or quantity)
+    if title:
+        ax.set_title(title)
+    if legend:
+        ax.legend(fontsize=8)
+    return ax
+
+
+# ------------------------------------------------------------------------------ the rate-distortion plane
+def _annotate_targets(ax, table, x: str, y: str, styles: Mapping[str, dict]) -> None:
+    if "target_rate" not in table:
+        return
+    for label, row in table.iterrows():
+        target = row.get("target_rate")
+        if target is None or not np.isfinite(target):
+            continue
+        ax.annotate(f"{target:g}", (row[x], row[y]), xytext=(4, 4), textcoords="offset points",
+                    fontsize=8, color=styles[label]["color"])
+
+
+def _scatter_runs(ax, table, x: str, y: str, colours, marker_size: float) -> dict[str, dict]:
+    styles = run_styles(list(table.index), colours)
+    seen = set()
+    for label, row in table.iterrows():
+        style = styles[label]
+        method = style["method"]
+        # one legend entry per method, in the method's own (unshaded) colour
+        legend_label = method if method not in seen else None
+        seen.add(method)
+        ax.scatter(row[x], row[y], color=style["color"], marker=style["marker"], s=marker_size,
+                   edgecolor="white", linewidth=0.5, zorder=3, label=legend_label)
+    return styles
+
+
+def plot_rate_distortion_plane(table, ax=None, iso_elbo: int = 6, reference: str | None = None,
+                               colours: Mapping[str, str] | None = None, annotate: bool = True,
+                               marker_size: float = 60.0, title: str | None = None, legend: bool = True):
+    """Distortion against rate, one point per run, with iso-ELBO lines D + R = const.
+
+    ``table``: DataFrame indexed by run label with columns ``rate`` and ``distortion`` (nats per
+    sentence) and optionally ``target_rate`` (annotated next to the point). Every point on one
+    dashed line of slope -1 has the same ELBO; moving down-right along a line trades distortion
+    for rate at no cost in ELBO. ``iso_elbo`` lines are spread over the plotted range;
+    ``reference`` (a label) draws the line through that run in its colour (the thesis' slide
+    draws it through the VAE).
+    """
+    if ax is None:
+        ax = new_figure("single")[1][0, 0]
+    styles = _scatter_runs(ax, table, "rate", "distortion", colours, marker_size)
+    if annotate:
+        _annotate_targets(ax, table, "rate", "distortion", styles)
+    rates, distortions = table["rate"].to_numpy(float), table["distortion"].to_numpy(float)
+    r_lo, r_hi = min(0.0, rates.min()), rates.max()
+    r_pad = 0.05 * max(r_hi - r_lo, 1.0)
+    d_lo, d_hi = distortions.min(), distortions.max()
+    d_pad = 0.08 * max(d_hi - d_lo, 1.0)
+    xlim, ylim = (r_lo - r_pad, r_hi + r_pad), (d_lo - d_pad, d_hi + d_pad)
+    totals = rates + distortions
+    xs = np.array(xlim)
+    if iso_elbo > 0:
+        for total in np.linspace(totals.min(), totals.max(), iso_elbo) if np.ptp(totals) > 0 else totals[:1]:
+            ax.plot(xs, total - xs, color="#BBBBBB", ls=":", lw=0.9, zorder=1)
+    if reference is not None and reference in table.index:
+        row = table.loc[reference]
+        ax.plot(xs, row["rate"] + row["distortion"] - xs, color=styles[reference]["color"], ls="--", lw=1.2,
+                zorder=2, label=f"$D + R$ of {reference}")
+    ax.set_xlim(*xlim)
+    ax.set_ylim(*ylim)
+    ax.set_xlabel("rate $R$ (nats)")
+    ax.set_ylabel("distortion $D$ (nats)")
+    if title:
+        ax.set_title(title)
+    if legend:
+        ax.legend(fontsize=8)
+    return ax
+
+
+def plot_elbo_vs_rate(table, ax=None, reference: str | None = None, colours: Mapping[str, str] | None = None,
+                      annotate: bool = True, marker_size: float = 60.0, column: str = "elbo",
+                      ylabel: str = "ELBO (nats)", title: str | None = None, legend: bool = True):
+    """ELBO (or another ``column``, e.g. the IW log-likelihood) against rate, one point per run.
+
+    ``reference`` (a label) draws a horizontal line at that run's value (the VAE in the thesis).
+    """
+    if ax is None:
+        ax = new_figure("single")[1][0, 0]
+    styles = _scatter_runs(ax, table, "rate", column, colours, marker_size)
+    if annotate:
+        _annotate_targets(ax, table, "rate", column, styles)
+    if reference is not None and reference in table.index:
+        ax.axhline(table.loc[reference, column], color=styles[reference]["color"], ls="--", lw=1.2,
+                   label=f"{reference}")
+    ax.set_xlabel("rate $R$ (nats)")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    if legend:
+        ax.legend(fontsize=8)
+    return ax
+
+
+def plot_achieved_vs_target(table, ax=None, colours: Mapping[str, str] | None = None,
+                            reference: Mapping[str, Mapping[float, float]] | None = None,
+                            marker_size: float = 60.0, title: str | None = None, legend: bool = True):
+    """Achieved rate against target rate, one line per method, with the diagonal R = r.
+
+    ``table``: DataFrame indexed by label with columns ``method``, ``target_rate`` and ``rate``
+    (runs without a target are skipped). ``reference``: method -> {target: rate} of another
+    source (the thesis' numbers), drawn as hollow markers in the method's colour.
+    """
+    if ax is None:
+        ax = new_figure("single")[1][0, 0]
+    targeted = table[np.isfinite(table["target_rate"].astype(float))]
+    colours = dict(colours or {})
+    for method, group in targeted.groupby("method", sort=False):
+        colour = colours.get(method, METHOD_COLOURS.get(method, _NEUTRAL))
+        group = group.sort_values("target_rate")
+        ax.plot(group["target_rate"], group["rate"], color=colour, lw=1.2, alpha=0.8)
+        ax.scatter(group["target_rate"], group["rate"], color=colour, marker=METHOD_MARKERS.get(method, "o"),
+                   s=marker_size, edgecolor="white", linewidth=0.5, zorder=3, label=method)
+        if reference and method in reference:
+            ref = sorted(reference[method].items())
+            ax.scatter([t for t, _ in ref], [r for _, r in ref], facecolor="none", edgecolor=colour,
+                       marker=METHOD_MARKERS.get(method, "o"), s=marker_size, linewidth=1.2, zorder=2,
+                       label=f"{method} (thesis)")
+    hi = max(float(targeted["target_rate"].max()), float(targeted["rate"].max())) if len(targeted) else 1.0
+    if reference:
+        hi = max([hi] + [r for ref in reference.values() for r in ref.values()])
+    line = np.array([0.0, 1.05 * hi])
+    ax.plot(line, line, color="black", ls="--", lw=0.9, label="achieved = target")
+    ax.set_xlim(0.0, 1.05 * hi)
+    ax.set_ylim(0.0, 1.05 * hi)
+    ax.set_xlabel("target rate $r$ (nats)")
+    ax.set_ylabel("achieved rate $R$ (nats)")
+    if title:
+        ax.set_title(title)
+    if legend:
+        ax.legend(fontsize=8)
+    return ax
+
+
+# ------------------------------------------------------------------------------ MDR
+def plot_multiplier_trajectories(histories: Mapping[str, Mapping], ax=None, window: int = 1,
+                                 colours: Mapping[str, str] | None = None, title: str | None = None,
+                                 legend: bool = True, quantity: str = "mdr_lambda",
+                                 ylabel: str = r"multiplier $\lambda_t$"):
+    """The MDR Lagrange multiplier lambda_t (logged at every optimiser step) for several runs.
+
+    lambda_t = 1 is the plain ELBO; lambda_t > 1 puts extra weight on raising the rate
+    (constraint violated), lambda_t < 1 relaxes it (constraint slack).
+    """
+    if ax is None:
+        ax = new_figure("single")[1][0, 0]
+    styles = run_styles(list(histories), colours)
+    for label, history in histories.items():
+        steps, values = _train_series(history, quantity)
+        if steps.size:
+            ax.plot(steps, smooth(values, window), color=styles[label]["color"], lw=1.5, label=label)
+    ax.axhline(1.0, color="black", lw=0.8, ls=":", label=r"$\lambda = 1$ (ELBO)")
+    ax.axhline(0.0, color="black", lw=0.8)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    if legend:
+        ax.legend(fontsize=8)
+    return ax
+
+
+def plot_rate_against_target(histories: Mapping[str, Mapping], targets: Mapping[str, float], ax=None,
+                             window: int = 25, colours: Mapping[str, str] | None = None,
+                             title: str | None = None, legend: bool = True):
+    """Training rate (smoothed batch values) and validation rate per run, each with its target
+    as a dashed line of the same colour."""
+    return plot_training_curves(histories, "rate", ax=ax, window=window, colours=colours,
+                                ylabel="rate $R$ (nats)", title=title, legend=legend, targets=targets)
+
+
+# ------------------------------------------------------------------------------ latent dimensions
+def plot_kl_per_dimension(kl: Mapping[str, Sequence[float]], ax=None, sort: bool = True,
+                          colours: Mapping[str, str] | None = None, active: Mapping[str, int] | None = None,
+                          title: str | None = None, logy: bool = False, legend: bool = True):
+    """Grouped bars of E_x KL(q(z_d|x) || N(0, 1)) per latent dimension d, one colour per run.
+
+    With ``sort`` each run's dimensions are sorted in decreasing order (the x axis is then a
+    rank, not a dimension index), so how many dimensions carry the rate is visible at a glance.
+    ``active`` (label -> number of active units) is added to the legend.
+    """
+    if ax is None:
+        ax = new_figure("single")[1][0, 0]
+    styles = run_styles(list(kl), colours)
+    n_runs = len(kl)
+    width = 0.8 / max(n_runs, 1)
+    for i, (label, values) in enumerate(kl.items()):
+        values = np.asarray(values, dtype=float)
+        if sort:
+            values = np.sort(values)[::-1]
+        x = np.arange(values.size) + (i - (n_runs - 1) / 2) * width
+        name = label if not active or label not in active else f"{label} ({active[label]} active)"
+        ax.bar(x, values, width=width, color=styles[label]["color"], label=name)
+    if logy:
+        ax.set_yscale("symlog", linthresh=1e-2)
+    ax.set_xlabel("latent dimension (sorted by KL)" if sort else "latent dimension $d$")
+    ax.set_ylabel(r"$\mathbb{E}_x\,\mathrm{KL}(q(z_d|x)\,\|\,p(z_d))$ (nats)")
+    if title:
+        ax.set_title(title)
+    if legend:
+        ax.legend(fontsize=8)
+    return ax
+
+
+# ------------------------------------------------------------------------------ per-run numbers
+def plot_run_dots(values: Mapping[str, Mapping[str, float]], ax=None, errors: Mapping[str, Mapping[str, float]] | None = None,
+                  reference: tuple[float, str] | None = None, xlabel: str = "nats per sentence",
+                  title: str | None = None, legend: bool = True, series_markers: Mapping[str, str] | None = None,
+                  colours: Mapping[str, str] | None = None):
+    """A dot plot: one row per run, one marker per series (e.g. ELBO and IW log-likelihood).
+
+    ``values``: series name -> {run label -> value}; ``errors``: the same shape, drawn as
+    horizontal error bars (e.g. 2 standard errors); ``reference``: (value, label) drawn as a
+    vertical line (e.g. the language model's exact log-likelihood). Rows are coloured by run,
+    series are told apart by their marker.
+    """
+    if ax is None:
+        ax = new_figure("bar")[1][0, 0]
+    labels: list[str] = []
+    for series in values.values():
+        labels += [label for label in series if label not in labels]
+    styles = run_styles(labels, colours)
+    markers = dict(series_markers or {})
+    default_markers = iter(("o", "D", "s", "^", "v", "P"))
+    n_series = len(values)
+    offsets = np.linspace(-0.15, 0.15, n_series) if n_series > 1 else [0.0]
+    for offset, (name, series) in zip(offsets, values.items()):
+        marker = markers.get(name) or next(default_markers)
+        for row, label in enumerate(labels):
+            if label not in series:
+                continue
+            y = len(labels) - 1 - row + offset
+            err = (errors or {}).get(name, {}).get(label)
+            ax.errorbar(series[label], y, xerr=err, color=styles[label]["color"], marker=marker, ms=7,
+                        capsize=3, lw=1.2, ls="none")
+        ax.scatter([], [], color="#444444", marker=marker, label=name)  # legend entry per series
+    if reference is not None:
+        ax.axvline(reference[0], color="black", ls="--", lw=1.0, label=reference[1])
+    ax.set_yticks(range(len(labels)), list(reversed(labels)))
+    ax.set_ylim(-0.6, len(labels) - 0.4)
+    ax.set_xlabel(xlabel)
+    if title:
+        ax.set_title(title)
+    if legend:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return ax
