@@ -45,7 +45,9 @@ book: execute
 	$(MAKE) render
 
 check-html: $(STAMP)
-	$(PY) -m pytest -q tests/browser
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
+	$(PY) -m pip install --quiet selenium
+	$(PY) -m pytest -q -o addopts="" tests/browser
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

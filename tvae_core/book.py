@@ -122,14 +122,16 @@ def write_provenance_page() -> Path:
 
 
 def copy_mathjax() -> Path:
-    """MathJax 2.7 from the PyPI package jupyter-server-mathjax into book/_static/mathjax, so math
-    renders without internet and from pages opened from disk."""
+    """MathJax 2.7 from the PyPI package jupyter-server-mathjax into book/_mathjax/mathjax, published
+    at the root of the HTML (``html_extra_path``) so math renders without internet and from pages
+    opened from disk. (Not under ``_static``: jupyter-book adds every .js file found there to
+    every page.)"""
     spec = importlib.util.find_spec("jupyter_server_mathjax")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("MathJax for offline math needs `pip install --no-deps jupyter-server-mathjax==0.2.6` "
                            "(done by `make install`)")
     source = Path(list(spec.submodule_search_locations)[0]) / "static"
-    target = BOOK_DIR / "_static" / "mathjax"
+    target = BOOK_DIR / "_mathjax" / "mathjax"
     if not (target / "MathJax.js").is_file():
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(source, target)
@@ -139,7 +141,7 @@ def copy_mathjax() -> Path:
 def render(strict: bool = True) -> int:
     write_provenance_page()
     copy_mathjax()
-    cmd = [sys.executable, "-m", "jupyter_book", "build", str(BOOK_DIR), "--builder", "html"]
+    cmd = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(BOOK_DIR), "--builder", "html"]
     if strict:
         cmd += ["-W", "-n", "--keep-going"]
     result = subprocess.run(cmd, cwd=ROOT)

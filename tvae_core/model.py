@@ -241,8 +241,10 @@ class TransformerVAE(nn.Module):
                                position_ids=positions, cache=cache, use_cache=True)
             step_logits.append(out.logits[:, -1].float())
             logits = out.logits[:, -1].float() / temperature  # [N, V]
-            logits[:, self.pad_id] = -float("inf")
-            logits[:, self.bos_id] = -float("inf")
+            # pad and bos are never generated, unless they share eos's id (GPT-2: one
+            # <|endoftext|> for all three), which must stay reachable
+            for banned in {self.pad_id, self.bos_id} - {self.eos_id}:
+                logits[:, banned] = -float("inf")
             if greedy:
                 tokens = logits.argmax(-1, keepdim=True)
             else:
@@ -254,8 +256,7 @@ class TransformerVAE(nn.Module):
                 break
         ids = torch.cat(outputs, dim=1).tolist()
         result = []
-        for row in ids:
-            row = [t for t in row if t != self.pad_id]
+        for row in ids:  # padding only follows eos (pad is banned above unless it is eos)
             result.append(row[: row.index(self.eos_id) + 1] if self.eos_id in row else row)
         if return_logits:
             return result, torch.stack(step_logits, dim=1)

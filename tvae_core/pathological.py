@@ -29,6 +29,7 @@ quantity is then recomputed independently by :class:`~tvae_core.exact.LinearGaus
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,18 @@ import torch
 from .exact import LinearGaussianLVM
 
 FITTED_TOLERANCE = 1e-8   # nats: how close to 0 both gaps of the base model must be
+
+
+@contextmanager
+def _single_thread():
+    """One torch thread while many tiny (16 x 16) matrices are handled: on a busy 2-core machine
+    two threads made the landscape below 7x slower (6.2 s vs 0.8 s for 225 models)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _solve_increasing(function, target: float, low: float, high: float, iterations: int = 200) -> float:
@@ -149,16 +162,18 @@ def constant_elbo_path(base: LinearGaussianLVM, excess: float, num_points: int =
         raise ValueError(f"num_points must be an int >= 2; got {num_points!r}")
     position = torch.linspace(0.0, 1.0, num_points, dtype=torch.float64)
     gains, scales, models = [], [], []
-    for t in position.tolist():
-        gain = gain_for_marginal_kl(t * excess / base.latent_dim)
-        scale = noise_scale_for_lower_gap((1.0 - t) * excess / base.data_dim)
-        gains.append(gain)
-        scales.append(scale)
-        models.append(move(base, gain, scale, name=f"t = {t:.2f}"))
+    with _single_thread():
+        for t in position.tolist():
+            gain = gain_for_marginal_kl(t * excess / base.latent_dim)
+            scale = noise_scale_for_lower_gap((1.0 - t) * excess / base.data_dim)
+            gains.append(gain)
+            scales.append(scale)
+            models.append(move(base, gain, scale, name=f"t = {t:.2f}"))
+        terms = exact_terms(models)
     return ConstantElboPath(position=position, excess=float(excess),
                             encoder_gain=torch.tensor(gains, dtype=torch.float64),
                             decoder_noise_scale=torch.tensor(scales, dtype=torch.float64),
-                            models=tuple(models), terms=exact_terms(models))
+                            models=tuple(models), terms=terms)
 
 
 def exact_terms(models) -> dict[str, torch.Tensor]:
@@ -188,10 +203,11 @@ def elbo_landscape(base: LinearGaussianLVM, log_gains, log_noise_scales) -> Elbo
     log_noise_scales = torch.as_tensor(log_noise_scales, dtype=torch.float64)
     shape = (log_noise_scales.numel(), log_gains.numel())
     elbo, marginal_kl, lower_gap = (torch.empty(shape, dtype=torch.float64) for _ in range(3))
-    for i, log_k in enumerate(log_noise_scales.tolist()):
-        for j, log_g in enumerate(log_gains.tolist()):
-            model = move(base, math.exp(log_g), math.exp(log_k))
-            elbo[i, j], marginal_kl[i, j], lower_gap[i, j] = (model.elbo(), model.marginal_kl(),
-                                                             model.lower_gap())
+    with _single_thread():
+        for i, log_k in enumerate(log_noise_scales.tolist()):
+            for j, log_g in enumerate(log_gains.tolist()):
+                model = move(base, math.exp(log_g), math.exp(log_k))
+                elbo[i, j], marginal_kl[i, j], lower_gap[i, j] = (model.elbo(), model.marginal_kl(),
+                                                                 model.lower_gap())
     return ElboLandscape(log_gains=log_gains, log_noise_scales=log_noise_scales, elbo=elbo,
                          marginal_kl=marginal_kl, lower_gap=lower_gap, entropy=base.entropy())

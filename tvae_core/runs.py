@@ -115,7 +115,10 @@ def load_run(config: RunConfig, root: str | Path | None = None) -> Run:
     if not path.is_dir():
         raise FileNotFoundError(f"no finished run for {config.label or config.key} in {path.parent}")
     validate_run_dir(path, config)
-    vocab = Vocabulary.load(path / "tokenizer.json")
+    vocab_type = Vocabulary
+    if config.data.tokenizer == "pretrained":  # a Hugging Face tokenizer, its special ids stored alongside
+        from .pretrained import PretrainedVocabulary as vocab_type
+    vocab = vocab_type.load(path / "tokenizer.json")
     model = build_model(config, vocab)
     load_model(model, str(path / "model.safetensors"), strict=True, device="cpu")
     model.eval()

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 ENTROPY_PROXY_NOTE = ("H is a proxy: the cross-entropy of the best available language model on "
                       "held-out data, an UPPER bound on the true data entropy. H - D is then not a "
-                      "guaranteed lower bound on I_q, and the lower gap may be over-stated.")
+                      "guaranteed lower bound on I_q, and the lower gap is under-stated by "
+                      "(proxy - true H), possibly below zero.")
 ENTROPY_EXACT_NOTE = "H is the exact data entropy: H - D is a guaranteed lower bound on I_q."
 
 
@@ -24,8 +25,8 @@ class MIBoundDecomposition:
     ``entropy`` is exact only when ``entropy_is_exact`` (e.g. the analytic model). For text it is
     a *proxy* -- the held-out cross-entropy of the best available language model, an upper bound
     on the true entropy H -- so ``lower_bound`` = H - D is then NOT a guaranteed lower bound on
-    I_q (it may exceed it) and ``lower_gap`` may be too large or even negative; ``entropy_note``
-    says which case applies.
+    I_q (it may exceed it) and ``lower_gap`` is too small by (proxy - true H), possibly negative;
+    ``entropy_note`` says which case applies.
 
     Two numerical checks: ``upper_gap_discrepancy`` = (R - I_q) - marginal KL, zero when R, I_q
     and marginal KL are consistent (R = I_q + KL(q(z)||p(z)), Hoffman & Johnson 2016); and

@@ -25,6 +25,7 @@ WEIGHT_COLOUR_MAP = "mako_r"       # mixing weights in [0, 1]: light = 0, dark =
 LANDSCAPE_COLOUR_MAP = "viridis"   # ELBO contours
 POSTERIOR_COLOUR = "#000000"       # individual posteriors q(z|x_n) drawn over a histogram
 PRIOR_LINE = dict(color=METHOD_COLOURS["prior"], lw=1.5, ls="--")
+_LINE_MARKERS = ("x", "+", "|", "_", "1", "2", "3", "4")
 
 
 def method_of(label: str) -> str:
@@ -188,9 +189,13 @@ def plot_versus_rate(rates, values, labels: Sequence[str], ax=None, errors=None,
         if ranges is not None and np.isfinite(ranges[i]).all():
             ax.plot([rates[i], rates[i]], ranges[i], color=colour, lw=2.5, alpha=0.5, zorder=2,
                     solid_capstyle="butt")
-        ax.scatter(rates[i], values[i], s=55, marker=_marker(label), zorder=3,
-                   facecolors="none" if hollow[i] else colour, edgecolors=colour, linewidths=1.3,
-                   label=method if method not in seen else None)
+        marker = _marker(label)
+        if marker in _LINE_MARKERS:             # unfilled by nature: colour the lines
+            style = dict(color=colour)
+        else:
+            style = dict(facecolors="none" if hollow[i] else colour, edgecolors=colour)
+        ax.scatter(rates[i], values[i], s=55, marker=marker, zorder=3, linewidths=1.3,
+                   label=method if method not in seen else None, **style)
         seen.add(method)
     ax.axhline(0.0, color="black", lw=0.6)
     if symlog:
@@ -276,23 +281,25 @@ def plot_kl_decomposition_by_run(labels: Sequence[str], total_correlation, dimen
 
 # ------------------------------------------------------------------------------ pathological directions
 def plot_elbo_landscape(landscape, ax=None, path: tuple | None = None,
-                        points: Mapping[str, tuple[float, float]] | None = None, num_levels: int = 12,
-                        title: str | None = None, colorbar: bool = True):
+                        points: Mapping[str, tuple[float, float]] | None = None, num_levels: int = 8,
+                        highlight: float | None = None, title: str | None = None, colorbar: bool = True):
     """Contours of the exact ELBO over two parameters (thesis slide 38, exactly).
 
     ``landscape``: a :class:`tvae_core.pathological.ElboLandscape` (theta_1 = log encoder gain on
-    x, theta_2 = log decoder noise scale on y). ``path``: ``(x, y, colour_values)`` drawn as a line
-    coloured by ``colour_values`` (e.g. the marginal KL along a constant-ELBO path). ``points``:
-    ``{label: (x, y)}`` markers.
+    x, theta_2 = log decoder noise scale on y); contours of -ELBO - H, labelled in nats.
+    ``path``: ``(x, y, colour_values)`` drawn as a thick line coloured by ``colour_values`` (e.g.
+    the marginal KL along a constant-ELBO path; ``colorbar`` adds its scale). ``points``:
+    ``{label: (x, y)}`` markers. ``highlight``: one level of -ELBO - H drawn as a dashed black
+    contour (the set of models with that ELBO).
     """
     if ax is None:
         ax = new_figure("single")[1][0, 0]
     x, y = np.asarray(landscape.log_gains), np.asarray(landscape.log_noise_scales)
     excess = -np.asarray(landscape.elbo) - landscape.entropy          # -ELBO - H >= 0
-    levels = np.quantile(excess, np.linspace(0.0, 0.9, num_levels))[1:]
-    contours = ax.contour(x, y, excess, levels=np.unique(levels), cmap=LANDSCAPE_COLOUR_MAP, linewidths=1)
-    if colorbar:
-        ax.figure.colorbar(contours, ax=ax, fraction=0.05, pad=0.02, label=r"$-\mathrm{ELBO} - H$ (nats)")
+    contours = ax.contour(x, y, excess, levels=num_levels, cmap=LANDSCAPE_COLOUR_MAP, linewidths=1)
+    ax.clabel(contours, fontsize=7, fmt="%g")
+    if highlight is not None:
+        ax.contour(x, y, excess, levels=[highlight], colors="black", linestyles="--", linewidths=1.2)
     if path is not None:
         px, py, values = (np.asarray(a, dtype=float) for a in path)
         segments = np.stack([np.column_stack([px[:-1], py[:-1]]), np.column_stack([px[1:], py[1:]])], axis=1)
@@ -300,16 +307,16 @@ def plot_elbo_landscape(landscape, ax=None, path: tuple | None = None,
         line.set_array(0.5 * (values[:-1] + values[1:]))
         ax.add_collection(line)
         if colorbar:
-            ax.figure.colorbar(line, ax=ax, fraction=0.05, pad=0.1, label="marginal KL on the path (nats)")
+            ax.figure.colorbar(line, ax=ax, fraction=0.05, pad=0.02, label="marginal KL on the path (nats)")
     for i, (label, (px, py)) in enumerate((points or {}).items()):
-        ax.plot(px, py, marker="sPD^"[i % 4], ms=9, color="black", ls="none", label=label)
+        ax.plot(px, py, marker="sD^v"[i % 4], ms=9, color="black", ls="none", label=label)
     ax.plot(0.0, 0.0, marker="+", ms=12, color="black", ls="none", label="fitted model ($-$ELBO $= H$)")
     ax.set_xlabel(r"$\theta_1 = \log$ encoder gain $g$")
     ax.set_ylabel(r"$\theta_2 = \log$ decoder noise scale $k$")
     ax.grid(False)
     if title:
         ax.set_title(title)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)
     return ax
 
 

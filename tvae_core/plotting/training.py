@@ -42,7 +42,7 @@ def method_of_label(label: str) -> str:
     return match.group(1) if match else label
 
 
-def shades(colour: str, n: int, lightest: float = 0.55, darkest: float = 0.35) -> list[str]:
+def shades(colour: str, n: int, lightest: float = 0.45, darkest: float = 0.4) -> list[str]:
     """``n`` shades of ``colour`` from light (mixed with white) to dark (mixed with black).
 
     With ``n == 1`` the colour itself. ``lightest``/``darkest``: the share of white/black in the
@@ -161,15 +161,18 @@ def _annotate_targets(ax, table, x: str, y: str, styles: Mapping[str, dict]) -> 
 
 def _scatter_runs(ax, table, x: str, y: str, colours, marker_size: float) -> dict[str, dict]:
     styles = run_styles(list(table.index), colours)
-    seen = set()
+    seen = []
     for label, row in table.iterrows():
         style = styles[label]
-        method = style["method"]
-        # one legend entry per method, in the method's own (unshaded) colour
-        legend_label = method if method not in seen else None
-        seen.add(method)
-        ax.scatter(row[x], row[y], color=style["color"], marker=style["marker"], s=marker_size,
-                   edgecolor="white", linewidth=0.5, zorder=3, label=legend_label)
+        if style["method"] not in seen:
+            seen.append(style["method"])
+        size = marker_size * (2.0 if style["marker"] == "*" else 1.0)  # a star reads smaller than a disc
+        ax.scatter(row[x], row[y], color=style["color"], marker=style["marker"], s=size,
+                   edgecolor="white", linewidth=0.5, zorder=3)
+    for method in seen:  # one legend entry per method, in the method's own (unshaded) colour
+        marker = METHOD_MARKERS.get(method, "o")
+        ax.scatter([], [], color=METHOD_COLOURS.get(method, _NEUTRAL), marker=marker,
+                   s=marker_size * (2.0 if marker == "*" else 1.0), label=method)
     return styles
 
 
@@ -231,6 +234,7 @@ def plot_elbo_vs_rate(table, ax=None, reference: str | None = None, colours: Map
     if reference is not None and reference in table.index:
         ax.axhline(table.loc[reference, column], color=styles[reference]["color"], ls="--", lw=1.2,
                    label=f"{reference}")
+    ax.margins(x=0.06, y=0.12)
     ax.set_xlabel("rate $R$ (nats)")
     ax.set_ylabel(ylabel)
     if title:
@@ -287,8 +291,9 @@ def plot_multiplier_trajectories(histories: Mapping[str, Mapping], ax=None, wind
                                  ylabel: str = r"multiplier $\lambda_t$"):
     """The MDR Lagrange multiplier lambda_t (logged at every optimiser step) for several runs.
 
-    lambda_t = 1 is the plain ELBO; lambda_t > 1 puts extra weight on raising the rate
-    (constraint violated), lambda_t < 1 relaxes it (constraint slack).
+    The MDR loss D + R + lambda (r - R) weighs the rate by 1 - lambda: lambda = 0 is the plain
+    ELBO (constraint slack), lambda = 1 leaves the rate unpenalised, lambda > 1 rewards rate.
+    Both levels are drawn as dotted reference lines.
     """
     if ax is None:
         ax = new_figure("single")[1][0, 0]
@@ -297,8 +302,8 @@ def plot_multiplier_trajectories(histories: Mapping[str, Mapping], ax=None, wind
         steps, values = _train_series(history, quantity)
         if steps.size:
             ax.plot(steps, smooth(values, window), color=styles[label]["color"], lw=1.5, label=label)
-    ax.axhline(1.0, color="black", lw=0.8, ls=":", label=r"$\lambda = 1$ (ELBO)")
-    ax.axhline(0.0, color="black", lw=0.8)
+    ax.axhline(1.0, color="#777777", lw=0.9, ls=":", label=r"$\lambda = 1$: rate unpenalised")
+    ax.axhline(0.0, color="black", lw=0.9, ls=":", label=r"$\lambda = 0$: the ELBO")
     ax.set_xlabel("optimiser step")
     ax.set_ylabel(ylabel)
     if title:
@@ -369,7 +374,7 @@ def plot_run_dots(values: Mapping[str, Mapping[str, float]], ax=None, errors: Ma
         labels += [label for label in series if label not in labels]
     styles = run_styles(labels, colours)
     markers = dict(series_markers or {})
-    default_markers = iter(("o", "D", "s", "^", "v", "P"))
+    default_markers = iter([m for m in ("o", "D", "s", "^", "v", "P") if m not in markers.values()])
     n_series = len(values)
     offsets = np.linspace(-0.15, 0.15, n_series) if n_series > 1 else [0.0]
     for offset, (name, series) in zip(offsets, values.items()):
@@ -381,7 +386,8 @@ def plot_run_dots(values: Mapping[str, Mapping[str, float]], ax=None, errors: Ma
             err = (errors or {}).get(name, {}).get(label)
             ax.errorbar(series[label], y, xerr=err, color=styles[label]["color"], marker=marker, ms=7,
                         capsize=3, lw=1.2, ls="none")
-        ax.scatter([], [], color="#444444", marker=marker, label=name)  # legend entry per series
+        if n_series > 1:
+            ax.scatter([], [], color="#444444", marker=marker, label=name)  # legend entry per series
     if reference is not None:
         ax.axvline(reference[0], color="black", ls="--", lw=1.0, label=reference[1])
     ax.set_yticks(range(len(labels)), list(reversed(labels)))
@@ -389,6 +395,6 @@ def plot_run_dots(values: Mapping[str, Mapping[str, float]], ax=None, errors: Ma
     ax.set_xlabel(xlabel)
     if title:
         ax.set_title(title)
-    if legend:
+    if legend and ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return ax

