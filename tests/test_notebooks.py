@@ -70,3 +70,22 @@ def test_book_notebooks_were_executed_with_the_default_profile():
         nb = nbformat.read(str(path), as_version=4)
         assert nb.metadata["papermill"]["parameters"]["profile"] == "default", path.name
         assert nb.metadata["tvae_provenance"]["profile"] == "default", path.name
+
+
+@pytest.mark.slow
+def test_a_failing_notebook_is_named_with_its_cell_and_never_replaces_the_book_copy(tmp_path):
+    from tvae_core.book import NotebookFailed, execute_notebook
+
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('profile: str = "smoke"  # run size\nshow_progress: bool = True  # bars')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell("x = 1"), nbformat.v4.new_code_cell("raise RuntimeError('boom')")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    source = tmp_path / "99_broken.ipynb"
+    nbformat.write(nb, str(source))
+    output = tmp_path / "book" / "99_broken.ipynb"
+    output.parent.mkdir()
+    output.write_text("previous good copy")
+    with pytest.raises(NotebookFailed, match=r"99_broken\.ipynb failed in cell \d+ .*RuntimeError: boom"):
+        execute_notebook(source, output, "smoke")
+    assert output.read_text() == "previous good copy"

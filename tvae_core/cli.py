@@ -62,16 +62,34 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from .evaluation import evaluate_run
+    from .runs import train_or_load
+
+    cfg = _config_from_args(args)
+    run = train_or_load(cfg, args.runs_dir, progress=not args.quiet)
+    started = time.time()
+    result = evaluate_run(run, args.profile, progress=not args.quiet)
+    keys = ("rate", "distortion", "elbo", "iw_log_likelihood", "mutual_information", "marginal_kl", "active_units")
+    print(f"evaluated in {time.time() - started:.1f} s")
+    print(json.dumps({"label": run.label, **{k: getattr(result, k) for k in keys}}))
+    return 0
+
+
 def cmd_train_all(args) -> int:
-    """Train every run of the book for a profile, ``--workers`` single-threaded processes at a
-    time (on 2 cores, two 1-thread runs side by side beat one 2-thread run)."""
+    """Train (and, with ``--evaluate``, evaluate) every run of the book for a profile,
+    ``--workers`` single-threaded processes at a time (on 2 cores, two 1-thread runs side by side
+    beat one 2-thread run)."""
     from .experiments import all_book_runs
     from .runs import runs_dir
 
     runs = all_book_runs(args.profile, args.seed)
     root = runs_dir(args.runs_dir)
-    todo = {label: cfg for label, cfg in runs.items() if not (root / cfg.key).is_dir()}
-    print(f"{len(runs)} runs in profile {args.profile!r}; {len(runs) - len(todo)} cached, {len(todo)} to train")
+    trained = {label for label, cfg in runs.items() if (root / cfg.key).is_dir()}
+    todo = runs if args.evaluate else {label: cfg for label, cfg in runs.items() if label not in trained}
+    print(f"{len(runs)} runs in profile {args.profile!r}; {len(trained)} trained, "
+          f"{len(runs) - len(trained)} to train" + (", all evaluated (cached evaluations are reused)"
+                                                   if args.evaluate else ""), flush=True)
     config_dir = root / "_pending"
     config_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
@@ -80,7 +98,9 @@ def cmd_train_all(args) -> int:
         label, cfg = item
         path = config_dir / f"{cfg.key}.json"
         path.write_text(json.dumps(cfg.to_dict()))
-        cmd = [sys.executable, "-m", "tvae_core", "train", "--config", str(path), "--quiet"]
+        command = "evaluate" if args.evaluate else "train"
+        cmd = [sys.executable, "-m", "tvae_core", command, "--config", str(path), "--quiet",
+               "--profile", args.profile]
         if args.runs_dir:
             cmd += ["--runs-dir", str(args.runs_dir)]
         started = time.time()
@@ -126,7 +146,16 @@ def main(argv=None) -> int:
     train_all.add_argument("--workers", type=int, default=2)
     train_all.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     train_all.add_argument("--runs-dir", default=None)
+    train_all.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
+                           help="also compute (and cache) each run's held-out evaluation")
     train_all.set_defaults(func=cmd_train_all)
+
+    evaluate = sub.add_parser("evaluate", help="train or load one run, then compute its cached evaluation",
+                              parents=[], add_help=True)
+    for action in train._actions:
+        if action.dest != "help":
+            evaluate._add_action(action)
+    evaluate.set_defaults(func=cmd_evaluate)
 
     execute = sub.add_parser("execute", help="run every notebook with papermill into book/notebooks")
     execute.add_argument("--profile", default="default", choices=PROFILE_NAMES)

@@ -128,8 +128,11 @@ def train(config: RunConfig, root: str | Path | None = None, *, progress: bool =
     from safetensors.torch import save_model
 
     tc, oc = config.train, config.objective
+    # the LR schedule counts optimiser steps, stepped by hand on synchronised steps only (Accelerate's
+    # default would step it once per process)
     accelerator = Accelerator(gradient_accumulation_steps=tc.gradient_accumulation_steps,
-                              mixed_precision=tc.mixed_precision, cpu=not torch.cuda.is_available())
+                              mixed_precision=tc.mixed_precision, cpu=not torch.cuda.is_available(),
+                              step_scheduler_with_optimizer=False)
     world, rank = accelerator.num_processes, accelerator.process_index
     if tc.batch_size % world:
         raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the number of processes ({world})")
@@ -157,6 +160,8 @@ def train(config: RunConfig, root: str | Path | None = None, *, progress: bool =
         accelerator.print(f"[tvae] resuming {config.label or config.key} from step {start_step}")
 
     module, optimizer = accelerator.prepare(module, optimizer)
+    if multiplier_opt is not None:  # wrapped so that it, too, only steps on synchronised steps
+        multiplier_opt = accelerator.prepare(multiplier_opt)
     raw_module = accelerator.unwrap_model(module)
     module.train()
 
@@ -189,12 +194,15 @@ def train(config: RunConfig, root: str | Path | None = None, *, progress: bool =
             if not torch.isfinite(torch.as_tensor(grad_norm)):
                 raise TrainingDiverged(f"non-finite gradient norm at step {step} (loss {loss.item():.4g})")
             optimizer.step()
-            scheduler.step()
+            if accelerator.sync_gradients:
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if multiplier_opt is not None:
                 multiplier_opt.step()
                 multiplier_opt.zero_grad(set_to_none=True)
         diagnostics.update(step=step, grad_norm=float(grad_norm), lr=scheduler.get_last_lr()[0])
+        if world > 1:
+            diagnostics.update(_global_diagnostics(accelerator, diagnostics, raw_module.multiplier))
         history["train"].append(diagnostics)
         bar.set_postfix(rate=f"{diagnostics['rate']:.2f}", distortion=f"{diagnostics['distortion']:.1f}",
                         refresh=False)
@@ -231,6 +239,23 @@ def train(config: RunConfig, root: str | Path | None = None, *, progress: bool =
         accelerator.print(f"[tvae] run {config.label or config.key} stored in {final_dir}")
     accelerator.wait_for_everyone()
     return final_dir
+
+
+_AVERAGED = ("rate", "distortion", "elbo", "loss", "free_bits_rate", "mdr_constraint")
+
+
+def _global_diagnostics(accelerator, diagnostics: dict, multiplier) -> dict:
+    """Averages over processes of the per-process terms (equal slices, so the mean over processes
+    is the global batch mean), and the spread of the MDR multiplier across processes (0 when the
+    ranks are in sync, which DDP's gradient averaging guarantees)."""
+    names = [n for n in _AVERAGED if n in diagnostics]
+    local = torch.tensor([diagnostics[n] for n in names], dtype=torch.float64, device=accelerator.device)
+    averaged = accelerator.reduce(local, reduction="mean")
+    out = {n: float(v) for n, v in zip(names, averaged)}
+    if multiplier is not None:
+        values = accelerator.gather(multiplier.value.detach().reshape(1).double())
+        out["mdr_lambda_rank_spread"] = float(values.max() - values.min())
+    return out
 
 
 def _save_checkpoint(directory: Path, step, history, module, optimizer, scheduler, multiplier_opt) -> None:
