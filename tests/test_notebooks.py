@@ -89,3 +89,19 @@ def test_a_failing_notebook_is_named_with_its_cell_and_never_replaces_the_book_c
     with pytest.raises(NotebookFailed, match=r"99_broken\.ipynb failed in cell \d+ .*RuntimeError: boom"):
         execute_notebook(source, output, "smoke")
     assert output.read_text() == "previous good copy"
+
+
+PRETRAINED_NOTEBOOK = ROOT / "notebooks" / "pretrained" / "06_pretrained_strong_decoder.ipynb"
+
+
+@pytest.mark.slow
+def test_pretrained_notebook_runs_in_the_smoke_profile(tmp_path):
+    """Not yet in the book (its default profile needs ~30 CPU minutes); the smoke run trains a few
+    steps with the packaged MiniLM + SmolLM2 weights, or fills in "n/a" when they are absent."""
+    out = tmp_path / PRETRAINED_NOTEBOOK.name
+    papermill.execute_notebook(str(PRETRAINED_NOTEBOOK), str(out),
+                               parameters={"profile": "smoke", "show_progress": False}, cwd=str(ROOT),
+                               progress_bar=False)
+    nb = nbformat.read(str(out), as_version=4)
+    assert not any(o.get("output_type") == "error" for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert len(_glued_names(nb)) >= 3

@@ -37,6 +37,19 @@ def _decoder_geometry(config) -> tuple[int, int, int]:
     return num_layers, kv_heads, head_dim
 
 
+_OFFSET_POSITION_MODELS = ("roberta", "xlm-roberta", "camembert")
+
+
+def _lm_head(decoder) -> nn.Module:
+    """The decoder's whole LM head: hidden states -> logits. For GPT-2 and Llama that is the
+    output embedding; RoBERTa's and BERT's heads add a dense layer and a layer norm before it."""
+    for name in ("lm_head", "cls"):
+        head = getattr(decoder, name, None)
+        if isinstance(head, nn.Module):
+            return head
+    return decoder.get_output_embeddings()
+
+
 def build_scratch_encoder(config: ModelConfig, vocab_size: int, pad_id: int, max_length: int):
     from transformers import BertConfig, BertModel
 
@@ -82,6 +95,9 @@ class TransformerVAE(nn.Module):
             self.posterior_head = nn.Linear(encoder.config.hidden_size, 2 * config.latent_dim)
         num_layers, kv_heads, head_dim = _decoder_geometry(decoder.config)
         self._kv_shape = (num_layers, 2, kv_heads, head_dim)
+        # RoBERTa-family decoders number positions from padding_idx + 1 (pretrained that way)
+        self._position_offset = ((decoder.config.pad_token_id or 0) + 1
+                                 if decoder.config.model_type in _OFFSET_POSITION_MODELS else 0)
         if config.injection in ("memory", "both"):
             self.latent_to_memory = nn.Linear(config.latent_dim, num_layers * 2 * kv_heads * head_dim)
         if config.injection in ("embedding", "both"):
@@ -145,7 +161,7 @@ class TransformerVAE(nn.Module):
         if z is not None and self.config.injection in ("memory", "both"):
             cache = self._memory_cache(z)
             attention_mask = torch.cat([attention_mask.new_ones(n, 1), attention_mask], dim=1)
-        positions = torch.arange(length, device=input_ids.device).unsqueeze(0).expand(n, -1)
+        positions = torch.arange(length, device=input_ids.device).unsqueeze(0).expand(n, -1) + self._position_offset
         return module(inputs_embeds=self._decoder_inputs(input_ids, z), attention_mask=attention_mask,
                       position_ids=positions, cache=cache, use_cache=False)
 
@@ -180,7 +196,7 @@ class TransformerVAE(nn.Module):
         target_mask = mask[:, 1:].repeat(num_samples, 1).bool()
         latent = z.reshape(num_samples * batch_size, -1) if self.uses_latent else None  # [S*B, D]
         hidden = self.decoder_hidden_states(inputs, mask[:, :-1].repeat(num_samples, 1), latent)  # [S*B, T-1, H]
-        logits = self.decoder.get_output_embeddings()(hidden[target_mask])  # [M, V], M real targets
+        logits = _lm_head(self.decoder)(hidden[target_mask])  # [M, V], M real targets
         token_nll = F.cross_entropy(logits.float(), targets[target_mask], reduction="none")  # [M]
         rows = torch.arange(targets.shape[0], device=ids.device).unsqueeze(1).expand_as(targets)[target_mask]
         nll = torch.zeros(targets.shape[0], dtype=token_nll.dtype, device=ids.device).index_add(0, rows, token_nll)
@@ -233,7 +249,7 @@ class TransformerVAE(nn.Module):
         outputs, step_logits = [], []
         for step in range(max_new_tokens):
             attention = torch.ones(n, prefix + step + 1, dtype=torch.long, device=device)
-            positions = torch.full((n, 1), step, dtype=torch.long, device=device)
+            positions = torch.full((n, 1), step + self._position_offset, dtype=torch.long, device=device)
             if cache is None:
                 from transformers import DynamicCache
                 cache = DynamicCache(config=self.decoder.config)

@@ -208,10 +208,26 @@ def load_tokenizer(name: str):
 
 
 def load_encoder(name: str):
-    """Any Hugging Face encoder (``AutoModel``); its ``last_hidden_state`` is pooled by the VAE."""
-    from transformers import AutoModel
+    """Any Hugging Face encoder (``AutoModel``); its ``last_hidden_state`` is pooled by the VAE.
+    BERT-style pooler layers are left out: the VAE never calls them, and unused parameters
+    would break gradient synchronisation across processes."""
+    from transformers import AutoConfig, AutoModel
 
-    return _from_pretrained(AutoModel, name)
+    from transformers.utils import logging as hf_logging
+
+    config = AutoConfig.from_pretrained(resolve_pretrained(name))
+    if config.model_type not in _POOLER_MODELS:
+        return _from_pretrained(AutoModel, name)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the checkpoint's pooler weights are left out on purpose: no load report
+    try:
+        return _from_pretrained(AutoModel, name, add_pooling_layer=False)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+_POOLER_MODELS = ("bert", "roberta", "xlm-roberta", "camembert")
+_ENCODER_ONLY_MODELS = ("bert", "roberta", "xlm-roberta", "camembert")
 
 
 def load_decoder(name: str):
@@ -221,7 +237,7 @@ def load_decoder(name: str):
 
     source = resolve_pretrained(name)
     config = AutoConfig.from_pretrained(source)
-    kwargs = {"is_decoder": True} if config.model_type in ("bert", "roberta", "xlm-roberta") else {}
+    kwargs = {"is_decoder": True} if config.model_type in _ENCODER_ONLY_MODELS else {}
     return _from_pretrained(AutoModelForCausalLM, name, **kwargs)
 
 
@@ -513,9 +529,26 @@ def build_pretrained_model(config: RunConfig, vocab) -> PretrainedTransformerVAE
             encoder = load_encoder(m.encoder)
             if needs_encoder_tokenizer(config):
                 encoder_tokenizer = load_tokenizer(m.encoder)
-    return PretrainedTransformerVAE(m, encoder, decoder, pad_id=vocab.pad_id, bos_id=vocab.bos_id,
-                                    eos_id=vocab.eos_id, unk_id=vocab.unk_id, decoder_vocab=vocab,
-                                    encoder_tokenizer=encoder_tokenizer, max_length=max_length)
+    model = PretrainedTransformerVAE(m, encoder, decoder, pad_id=vocab.pad_id, bos_id=vocab.bos_id,
+                                     eos_id=vocab.eos_id, unk_id=vocab.unk_id, decoder_vocab=vocab,
+                                     encoder_tokenizer=encoder_tokenizer, max_length=max_length)
+    if m.decoder != SCRATCH:
+        init_latent_projections(model, getattr(decoder.config, "initializer_range", 0.02))
+    return model
+
+
+def init_latent_projections(model: TransformerVAE, std: float = 0.02) -> None:
+    """The decoder's own initialisation for the new z -> memory / embedding layers: weights
+    N(0, std^2) (``initializer_range``, 0.02 for GPT-2, BERT and Llama), biases zero. With
+    PyTorch's default init the biases alone (up to 1/sqrt(D)) shift every token embedding by
+    more than its own spread and cost SmolLM2 ~0.9 nats per token before training; with zero
+    biases, z = 0 leaves the embedding-injected decoder exactly the pretrained LM (tested)."""
+    with torch.no_grad():
+        for name in ("latent_to_memory", "latent_to_embedding"):
+            layer = getattr(model, name, None)
+            if layer is not None:
+                layer.weight.normal_(0.0, std)
+                layer.bias.zero_()
 
 
 def pretrained_config(base: RunConfig, encoder: str = DEFAULT_ENCODER, decoder: str = DEFAULT_DECODER,
@@ -525,3 +558,132 @@ def pretrained_config(base: RunConfig, encoder: str = DEFAULT_ENCODER, decoder: 
     label = base.label if base.label else "pretrained"
     return base.replace(model={"encoder": encoder, "decoder": decoder}, data={"tokenizer": "pretrained"},
                         train={"learning_rate": learning_rate}, label=label)
+
+
+# --------------------------------------------------------------------------------------------
+# The pretrained study (notebook 06): sizes per profile, runs, and a light evaluation
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PretrainedStudySize:
+    """Run and evaluation sizes for the pretrained encoder/decoder study, per profile. The
+    general estimator sizes of :mod:`tvae_core.profiles` batch ~2,000 sequences per decoder call,
+    which with a 49k-token vocabulary needs ~10 GB; these keep every call small."""
+
+    max_steps: int
+    batch_size: int                    # measured: ~3-8 s per step at batch 8 on one CPU thread
+    max_train_sentences: int | None
+    max_eval_sentences: int | None     # validation and test sentences
+    eval_batch_size: int               # sentences per decoder call in evaluation
+    iw_num_samples: int                # K of the importance-weighted bound
+    iw_max_sentences: int | None
+    latent_dim: int
+
+
+PRETRAINED_STUDY_SIZES = {
+    "smoke": PretrainedStudySize(max_steps=2, batch_size=4, max_train_sentences=32, max_eval_sentences=8,
+                                 eval_batch_size=8, iw_num_samples=2, iw_max_sentences=4, latent_dim=8),
+    # measured on 1 busy CPU thread: ~5 s per step, ~2 min per evaluation (the IW bound dominates)
+    "default": PretrainedStudySize(max_steps=150, batch_size=8, max_train_sentences=None, max_eval_sentences=200,
+                                   eval_batch_size=16, iw_num_samples=10, iw_max_sentences=50, latent_dim=32),
+    "full": PretrainedStudySize(max_steps=20_000, batch_size=32, max_train_sentences=None, max_eval_sentences=None,
+                                eval_batch_size=32, iw_num_samples=500, iw_max_sentences=None, latent_dim=32),
+}
+
+
+def pretrained_study(profile: str, seed: int = 0, target_rate: float | None = None,
+                     encoder: str = DEFAULT_ENCODER, decoder: str = DEFAULT_DECODER) -> dict[str, RunConfig]:
+    """The plain VAE and MDR at ``target_rate`` nats (default: the profile's second target rate)
+    with a pretrained encoder and decoder (label -> config)."""
+    from .experiments import method_config
+    from .profiles import get_profile
+
+    p, size = get_profile(profile), PRETRAINED_STUDY_SIZES[profile]
+    target = target_rate if target_rate is not None else p.target_rates[min(1, len(p.target_rates) - 1)]
+    runs = {}
+    for method, rate in (("VAE", None), ("MDR", target)):
+        cfg = pretrained_config(method_config(method, p, rate, seed), encoder, decoder)
+        cfg = cfg.replace(
+            data={"max_train_sentences": size.max_train_sentences, "max_eval_sentences": size.max_eval_sentences},
+            model={"latent_dim": size.latent_dim},
+            train={"max_steps": size.max_steps, "batch_size": size.batch_size, "eval_every": size.max_steps,
+                   "checkpoint_every": max(1, min(size.max_steps, 50)),
+                   "lr_warmup_steps": min(100, max(1, size.max_steps // 10))},
+            label=f"{cfg.label} (pretrained)")
+        runs[cfg.label] = cfg
+    return runs
+
+
+@dataclass(frozen=True)
+class PretrainedEvaluation:
+    """Held-out terms of a pretrained VAE (nats per sentence): single-sample rate/distortion/ELBO,
+    the IW bound with K samples, and the aggregate-posterior MI (self term included, so capped at
+    ``log N``: ``mutual_information_ceiling``) and marginal KL."""
+
+    label: str
+    num_sentences: int
+    num_tokens: int
+    rate: float
+    distortion: float
+    elbo: float
+    iw_num_samples: int
+    iw_num_sentences: int
+    iw_log_likelihood: float
+    iw_log_likelihood_se: float
+    elbo_on_iw_sentences: float
+    mutual_information: float
+    mutual_information_ceiling: float
+    marginal_kl: float
+    active_units: int
+    kl_per_dimension: list
+    seconds: float
+
+
+@torch.no_grad()
+def evaluate_pretrained(model, corpus: PretrainedCorpus, size: PretrainedStudySize, split: str = "test",
+                        seed: int = 0, label: str = "", progress: bool = False) -> PretrainedEvaluation:
+    """The estimators of :mod:`tvae_core.estimators` with small decoder calls."""
+    import time
+
+    from . import estimators as est
+
+    started = time.time()
+    model = model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    num = len(corpus.token_ids(split))
+    iw_num = min(num, size.iw_max_sentences or num)
+
+    def batches(batch_size, limit=None):
+        for i, batch in enumerate(corpus.batches(split, batch_size, bucket=False)):
+            if limit is not None and i * batch_size >= limit:
+                return
+            yield {k: v[: limit - i * batch_size] if limit is not None else v for k, v in batch.items()}
+
+    bounds = est.evaluate_bounds(model, batches(size.eval_batch_size), generator=generator, progress=progress)
+    # without a latent every importance weight is p(x): K = 1 is already exact
+    k = size.iw_num_samples if model.uses_latent else 1
+    iw_batch = max(1, 4 * size.eval_batch_size // k)
+    iw = est.evaluate_log_likelihood(model, batches(iw_batch, iw_num), num_samples=k, chunk_size=min(k, 64),
+                                     generator=generator, progress=progress)
+    elbo_iw = est.evaluate_bounds(model, batches(size.eval_batch_size, iw_num), generator=generator,
+                                  progress=False).elbo
+    params = est.collect_posterior_parameters(model, batches(size.eval_batch_size), progress=False)
+    with_self, _ = est.self_and_leave_one_out_terms(params.loc, params.scale, generator=generator)
+    return PretrainedEvaluation(
+        label=label, num_sentences=bounds.num_sequences, num_tokens=bounds.num_tokens, rate=bounds.rate,
+        distortion=bounds.distortion, elbo=bounds.elbo, iw_num_samples=k, iw_num_sentences=iw.num_sequences,
+        iw_log_likelihood=iw.mean, iw_log_likelihood_se=iw.standard_error, elbo_on_iw_sentences=elbo_iw,
+        mutual_information=with_self.mutual_information.value,
+        mutual_information_ceiling=with_self.mutual_information.ceiling,
+        marginal_kl=with_self.marginal_kl.value,
+        active_units=int(est.active_units(params.loc).num_active),
+        kl_per_dimension=[float(v) for v in est.kl_per_dimension(params.loc, params.scale)],
+        seconds=time.time() - started)
+
+
+def zero_shot_language_model(config: RunConfig, vocab) -> PretrainedTransformerVAE:
+    """The pretrained decoder as it ships, as a decoder-only LM (no latent, no training): its
+    exact log p(x) is the reference a fine-tuned VAE is compared with."""
+    lm_config = config.replace(model={"injection": "none", "encoder": SCRATCH}, objective={"name": "lm",
+                                                                                          "target_rate": None})
+    return build_pretrained_model(lm_config, vocab).eval()
