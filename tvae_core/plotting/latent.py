@@ -89,13 +89,16 @@ def plot_latent_histogram(samples, loc=None, scale=None, ax=None, num_posteriors
 
 def plot_latent_histograms(latents: Mapping[str, tuple], dims: Mapping[str, Sequence[int]] | Sequence[int],
                            axes=None, num_posteriors: int = 4, bins: int = 40,
-                           xlim: tuple[float, float] = (-4.0, 4.0), seed: int = 0):
+                           xlim: tuple[float, float] | None = None, seed: int = 0):
     """A grid of :func:`plot_latent_histogram`: one row per run, one column per latent dimension.
 
     ``latents``: ``{label: (samples [N, D], loc [N, D], scale [N, D])}`` (numpy or torch).
     ``dims``: the dimensions to draw, the same for every run or ``{label: dims}`` (e.g. each
-    run's dimensions of highest KL); every row must have the same number. Returns the ``axes``
-    array ``[runs, dims]``; the figure is ``axes[0, 0].figure``.
+    run's dimensions of highest KL); every row must have the same number. ``xlim``: the same
+    range for every panel, or None for one symmetric range per run that covers the prior's
+    [-4, 4] and 99.5% of the run's samples on the drawn dimensions (an autoencoder's codes can
+    lie far outside the prior's range). Returns the ``axes`` array ``[runs, dims]``; the figure
+    is ``axes[0, 0].figure``.
     """
     labels = list(latents)
     per_run = {label: list(dims[label] if isinstance(dims, Mapping) else dims) for label in labels}
@@ -107,11 +110,17 @@ def plot_latent_histograms(latents: Mapping[str, tuple], dims: Mapping[str, Sequ
         axes[0, 0].figure.set_size_inches(1.9 * num_cols, 1.6 * len(labels))
     for row, label in enumerate(labels):
         samples, loc, scale = (np.asarray(a, dtype=float) for a in latents[label])
+        if xlim is None:
+            reach = float(np.quantile(np.abs(samples[:, per_run[label]]), 0.995))
+            limit = max(4.0, float(np.ceil(reach)))
+            row_xlim = (-limit, limit)
+        else:
+            row_xlim = xlim
         for col, d in enumerate(per_run[label]):
             ax = axes[row, col]
             plot_latent_histogram(samples[:, d], loc[:, d], scale[:, d], ax=ax,
                                   num_posteriors=num_posteriors, colour=_colour(label, row), bins=bins,
-                                  title=f"$z_{{{d}}}$", xlim=xlim, seed=seed + 1000 * row + d)
+                                  title=f"$z_{{{d}}}$", xlim=row_xlim, seed=seed + 1000 * row + d)
             ax.tick_params(labelsize=7)
             if col == 0:
                 ax.set_ylabel(label, fontsize=9)
@@ -150,7 +159,7 @@ def plot_mixing_weights(weights, group_names: Sequence[str], ax=None, title: str
 def plot_versus_rate(rates, values, labels: Sequence[str], ax=None, errors=None, ylabel: str = "nats",
                      title: str | None = None, floor: tuple[float, float] | None = None,
                      diagonal: bool = False, legend: bool = True, symlog: bool = False,
-                     hollow: Sequence[bool] | None = None, ranges=None):
+                     hollow: Sequence[bool] | None = None, ranges=None, linthresh: float = 10.0):
     """One point per run or group at ``(rate, value)``, coloured and marked by method (after thesis
     slide 35). ``labels`` name the runs ("FB 16", "prior", ...; the method is read from them).
 
@@ -158,8 +167,9 @@ def plot_versus_rate(rates, values, labels: Sequence[str], ax=None, errors=None,
     calibration group, drawn as a grey band (what the estimator reports when the truth is 0).
     ``diagonal``: draw y = rate (the upper bound I_q <= R). ``hollow``: per point, draw an open
     marker (e.g. an estimate at its ceiling). ``ranges``: ``[N, 2]`` (low, high) per point, drawn
-    as a vertical line (e.g. two estimators that bracket the truth). ``symlog``: symmetric-log x
-    axis (an AE's rate can be 10x the others').
+    as a vertical line (e.g. two estimators that bracket the truth). ``symlog``: symmetric-log
+    axes, linear within ``linthresh`` nats of 0 (one run 10x above the others would otherwise
+    squeeze them all into a corner).
     """
     if ax is None:
         ax = new_figure("single")[1][0, 0]
@@ -177,7 +187,8 @@ def plot_versus_rate(rates, values, labels: Sequence[str], ax=None, errors=None,
     if diagonal:
         finite = rates[np.isfinite(rates)]
         top = float(finite.max()) if finite.size else 1.0
-        ax.plot([0, top], [0, top], color="black", lw=0.8, ls=":", label="$y = R$")
+        line = np.linspace(0.0, top, 400)            # many points: straight on symlog axes too
+        ax.plot(line, line, color="black", lw=0.8, ls=":", label="$y = R$")
     seen = set()
     for i, label in enumerate(labels):
         if not (np.isfinite(rates[i]) and np.isfinite(values[i])):
@@ -199,7 +210,8 @@ def plot_versus_rate(rates, values, labels: Sequence[str], ax=None, errors=None,
         seen.add(method)
     ax.axhline(0.0, color="black", lw=0.6)
     if symlog:
-        ax.set_xscale("symlog", linthresh=10.0)
+        ax.set_xscale("symlog", linthresh=linthresh)
+        ax.set_yscale("symlog", linthresh=linthresh)
     ax.set_xlabel("rate $R$ (nats)")
     ax.set_ylabel(ylabel)
     if title:
@@ -211,14 +223,16 @@ def plot_versus_rate(rates, values, labels: Sequence[str], ax=None, errors=None,
 
 # ------------------------------------------------------------------------------ per-run summaries
 def plot_mi_bounds_by_run(decompositions: Mapping[str, object], ax=None, ceiling: float | None = None,
-                          legend: bool = True, title: str | None = None):
+                          legend: bool = True, title: str | None = None,
+                          xlim: tuple[float, float] | None = None):
     """The MI bounds of many runs on one number line each: ticks at H - D, I_q and R, the lower gap
     (H - D to I_q) and the upper gap (I_q to R, the marginal KL) as bars between them.
 
     ``decompositions``: ``{label: MIBoundDecomposition}``. A lower gap that comes out negative
     (possible when H is a language-model proxy, an upper bound on the true entropy, or when I_q
     is an estimate capped at its ceiling) is drawn hatched. ``ceiling``: the estimator's MI
-    ceiling (e.g. log N), a dashed vertical line.
+    ceiling (e.g. log N), a dashed vertical line. ``xlim``: the range shown; a run whose rate lies
+    beyond it is cut at the edge and its rate written there (one outlier would squeeze the rest).
     """
     labels = list(decompositions)
     if ax is None:
@@ -238,9 +252,14 @@ def plot_mi_bounds_by_run(decompositions: Mapping[str, object], ax=None, ceiling
             ax.plot([value, value], [y - 0.32, y + 0.32], color=TERM_COLOURS[term], lw=2.2,
                     label={"lower_bound": "$H - D$", "mutual_information": "$I_q$",
                            "rate": "$R$"}[term])
+        if xlim is not None and d.upper_bound > xlim[1]:
+            ax.text(xlim[1], y, f"$R$ = {d.upper_bound:.1f} $\\rightarrow$", ha="right", va="center",
+                    fontsize=7, bbox=dict(facecolor="white", edgecolor="none", pad=0.5))
     if ceiling is not None and math.isfinite(ceiling):
         ax.axvline(ceiling, color="#7F7F7F", ls="--", lw=1, label=f"MI ceiling $\\log N$ = {ceiling:.2f}")
     ax.axvline(0.0, color="black", lw=0.8)
+    if xlim is not None:
+        ax.set_xlim(xlim)
     ax.set_yticks(range(len(labels)), list(reversed(labels)), fontsize=8)
     ax.set_xlabel("nats")
     if title:
@@ -253,9 +272,11 @@ def plot_mi_bounds_by_run(decompositions: Mapping[str, object], ax=None, ceiling
 
 
 def plot_kl_decomposition_by_run(labels: Sequence[str], total_correlation, dimensionwise_kl, ax=None,
-                                 marginal_kl=None, title: str | None = None, legend: bool = True):
+                                 marginal_kl=None, title: str | None = None, legend: bool = True,
+                                 symlog: bool = False, linthresh: float = 10.0):
     """Total correlation and dimension-wise KL per run, side by side (and the marginal KL they
-    add up to, Chen et al. 2018), as grouped horizontal bars; estimates may be negative."""
+    add up to, Chen et al. 2018), as grouped horizontal bars; estimates may be negative.
+    ``symlog``: symmetric-log x axis, linear within ``linthresh`` nats of 0."""
     series = {"total correlation": np.asarray(total_correlation, dtype=float),
               "dimension-wise KL": np.asarray(dimensionwise_kl, dtype=float)}
     if marginal_kl is not None:
@@ -270,6 +291,8 @@ def plot_kl_decomposition_by_run(labels: Sequence[str], total_correlation, dimen
         ys = np.arange(len(labels))[::-1] + (len(series) - 1) / 2 * height - i * height
         ax.barh(ys, values, height=height, color=colours[name], label=name)
     ax.axvline(0.0, color="black", lw=0.8)
+    if symlog:
+        ax.set_xscale("symlog", linthresh=linthresh)
     ax.set_yticks(np.arange(len(labels))[::-1], list(labels), fontsize=8)
     ax.set_xlabel("nats")
     if title:

@@ -246,34 +246,46 @@ def plot_elbo_vs_rate(table, ax=None, reference: str | None = None, colours: Map
 
 def plot_achieved_vs_target(table, ax=None, colours: Mapping[str, str] | None = None,
                             reference: Mapping[str, Mapping[float, float]] | None = None,
-                            marker_size: float = 60.0, title: str | None = None, legend: bool = True):
+                            marker_size: float = 60.0, title: str | None = None, legend: bool = True,
+                            clip: float | None = 1.5):
     """Achieved rate against target rate, one line per method, with the diagonal R = r.
 
     ``table``: DataFrame indexed by label with columns ``method``, ``target_rate`` and ``rate``
     (runs without a target are skipped). ``reference``: method -> {target: rate} of another
-    source (the thesis' numbers), drawn as hollow markers in the method's colour.
+    source (the thesis' numbers), drawn as hollow markers in the method's colour. ``clip``: the
+    y axis ends at ``clip`` x the largest target; runs above it are drawn at the edge as
+    triangles labelled with their rate (None: no clipping).
     """
     if ax is None:
         ax = new_figure("single")[1][0, 0]
     targeted = table[np.isfinite(table["target_rate"].astype(float))]
     colours = dict(colours or {})
+    max_target = float(targeted["target_rate"].max()) if len(targeted) else 1.0
+    top = clip * max_target if clip is not None else np.inf
     for method, group in targeted.groupby("method", sort=False):
         colour = colours.get(method, METHOD_COLOURS.get(method, _NEUTRAL))
         group = group.sort_values("target_rate")
-        ax.plot(group["target_rate"], group["rate"], color=colour, lw=1.2, alpha=0.8)
-        ax.scatter(group["target_rate"], group["rate"], color=colour, marker=METHOD_MARKERS.get(method, "o"),
-                   s=marker_size, edgecolor="white", linewidth=0.5, zorder=3, label=method)
+        shown = np.minimum(group["rate"].to_numpy(float), top)
+        above = group["rate"].to_numpy(float) > top
+        ax.plot(group["target_rate"], shown, color=colour, lw=1.2, alpha=0.8)
+        ax.scatter(group["target_rate"][~above], shown[~above], color=colour,
+                   marker=METHOD_MARKERS.get(method, "o"), s=marker_size, edgecolor="white", linewidth=0.5,
+                   zorder=3, label=method)
+        for target, rate in zip(group["target_rate"][above], group["rate"][above]):
+            ax.scatter(target, top, color=colour, marker="^", s=marker_size, zorder=3, clip_on=False)
+            ax.annotate(f"{rate:.0f} nats", (target, top), xytext=(-7, -2), textcoords="offset points",
+                        fontsize=8, color=colour, va="top", ha="right")
         if reference and method in reference:
             ref = sorted(reference[method].items())
             ax.scatter([t for t, _ in ref], [r for _, r in ref], facecolor="none", edgecolor=colour,
                        marker=METHOD_MARKERS.get(method, "o"), s=marker_size, linewidth=1.2, zorder=2,
                        label=f"{method} (thesis)")
-    hi = max(float(targeted["target_rate"].max()), float(targeted["rate"].max())) if len(targeted) else 1.0
+    hi = max(max_target, float(np.minimum(targeted["rate"].max(), top))) if len(targeted) else 1.0
     if reference:
         hi = max([hi] + [r for ref in reference.values() for r in ref.values()])
     line = np.array([0.0, 1.05 * hi])
     ax.plot(line, line, color="black", ls="--", lw=0.9, label="achieved = target")
-    ax.set_xlim(0.0, 1.05 * hi)
+    ax.set_xlim(0.0, 1.08 * (hi if clip is None else max_target))
     ax.set_ylim(0.0, 1.05 * hi)
     ax.set_xlabel("target rate $r$ (nats)")
     ax.set_ylabel("achieved rate $R$ (nats)")
@@ -315,11 +327,13 @@ def plot_multiplier_trajectories(histories: Mapping[str, Mapping], ax=None, wind
 
 def plot_rate_against_target(histories: Mapping[str, Mapping], targets: Mapping[str, float], ax=None,
                              window: int = 25, colours: Mapping[str, str] | None = None,
-                             title: str | None = None, legend: bool = True):
+                             title: str | None = None, legend: bool = True, logy: bool = False):
     """Training rate (smoothed batch values) and validation rate per run, each with its target
-    as a dashed line of the same colour."""
+    as a dashed line of the same colour (``logy``: symmetric-log axis, for rates that swing
+    over orders of magnitude)."""
     return plot_training_curves(histories, "rate", ax=ax, window=window, colours=colours,
-                                ylabel="rate $R$ (nats)", title=title, legend=legend, targets=targets)
+                                ylabel="rate $R$ (nats)", title=title, legend=legend, targets=targets,
+                                logy=logy)
 
 
 # ------------------------------------------------------------------------------ latent dimensions
