@@ -85,11 +85,18 @@ def cmd_train_all(args) -> int:
 
     runs = all_book_runs(args.profile, args.seed)
     root = runs_dir(args.runs_dir)
+    from .evaluation import evaluation_key
+    from .profiles import get_profile
+
+    size = get_profile(args.profile).estimators
     trained = {label for label, cfg in runs.items() if (root / cfg.key).is_dir()}
-    todo = runs if args.evaluate else {label: cfg for label, cfg in runs.items() if label not in trained}
+    evaluated = {label for label, cfg in runs.items()
+                 if (root / cfg.key / f"evaluation-{evaluation_key(cfg.key, size)}.json").is_file()}
+    todo = {label: cfg for label, cfg in runs.items()
+            if label not in trained or (args.evaluate and label not in evaluated)}
     print(f"{len(runs)} runs in profile {args.profile!r}; {len(trained)} trained, "
-          f"{len(runs) - len(trained)} to train" + (", all evaluated (cached evaluations are reused)"
-                                                   if args.evaluate else ""), flush=True)
+          f"{len(runs) - len(trained)} to train" + (f", {len(evaluated)} evaluated" if args.evaluate else ""),
+          flush=True)
     config_dir = root / "_pending"
     config_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}

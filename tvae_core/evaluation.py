@@ -71,7 +71,12 @@ class RunEvaluation:
 
 
 def _evaluation_key(run: Run, size: EstimatorSize, split: str, seed: int) -> str:
-    payload = {"run": run.config.key, "size": asdict(size), "split": split, "seed": seed,
+    return evaluation_key(run.config.key, size, split, seed)
+
+
+def evaluation_key(run_key: str, size: EstimatorSize, split: str = "test", seed: int = 0) -> str:
+    """Cache key of a run's evaluation: the run, the estimator sizes, the split and the seed."""
+    payload = {"run": run_key, "size": asdict(size), "split": split, "seed": seed,
                "format": EVALUATION_FORMAT_VERSION}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
