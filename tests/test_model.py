@@ -92,3 +92,9 @@ def test_log_variance_is_bounded():
         model.posterior_head.bias.fill_(1e4)
     posterior = model.encode(collate([[2, 5, 3]], 0))
     assert torch.all(posterior.scale <= torch.exp(torch.tensor(1.0)) + 1e-5)
+
+
+def test_generation_longer_than_the_decoder_positions_fails_early():
+    model = make_model("both")
+    with pytest.raises(ValueError, match="max_new_tokens=25 exceeds the decoder's 24 positions"):
+        model.generate(torch.zeros(1, 4), 25)

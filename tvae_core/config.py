@@ -105,7 +105,7 @@ class ObjectiveConfig:
     num_cycles: int = 4             # cyclical: cycles over the whole run (Fu et al. 2019 use 4)
     cycle_zero_fraction: float = 0.25   # cyclical: share of each cycle spent at beta = 0
     cycle_ramp_fraction: float = 0.25   # cyclical: share spent ramping 0 -> 1 (the rest at 1)
-    mdr_lambda_init: float = 1.0    # lambda_0 = softplus(u_0); 1.0 starts at the plain ELBO
+    mdr_lambda_init: float = 1.0    # lambda_0 = softplus(u_0); the rate's weight is 1 - lambda: 1.0 starts with the rate unpenalised, 0 is the ELBO
     mdr_lr: float = 0.01            # SGD gradient-ascent step on u (the thesis code: RMSprop 5e-5, barely moved)
     mdr_rate_ema: float | None = None  # None: lambda sees the batch rate; else EMA decay in (0, 1)
 

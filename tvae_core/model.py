@@ -234,6 +234,10 @@ class TransformerVAE(nn.Module):
             raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
         if temperature <= 0:
             raise ValueError(f"temperature={temperature} must be > 0")
+        limit = getattr(self.decoder.config, "max_position_embeddings", None) or \
+            getattr(self.decoder.config, "n_positions", None)
+        if limit is not None and max_new_tokens > limit:
+            raise ValueError(f"max_new_tokens={max_new_tokens} exceeds the decoder's {limit} positions")
         device = next(self.parameters()).device
         if z is None or not self.uses_latent:
             n = num_sequences if z is None else z.shape[0]
