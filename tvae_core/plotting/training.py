@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 from matplotlib.colors import to_hex, to_rgb
+from matplotlib.ticker import MaxNLocator
 
 from .style import METHOD_COLOURS, METHOD_MARKERS, new_figure
 
@@ -138,6 +139,7 @@ def plot_training_curves(histories: Mapping[str, Mapping], quantity: str = "rate
             ax.axhline(targets[label], color=style["color"], ls="--", lw=1.0)
     if logy:
         ax.set_yscale("symlog", linthresh=0.1)
+        ax.set_ylim(bottom=0.0)
     ax.set_xlabel("optimiser step")
     ax.set_ylabel(ylabel or quantity)
     if title:
@@ -168,7 +170,7 @@ def _scatter_runs(ax, table, x: str, y: str, colours, marker_size: float) -> dic
             seen.append(style["method"])
         size = marker_size * (2.0 if style["marker"] == "*" else 1.0)  # a star reads smaller than a disc
         ax.scatter(row[x], row[y], color=style["color"], marker=style["marker"], s=size,
-                   edgecolor="white", linewidth=0.5, zorder=3)
+                   edgecolor="white", linewidth=0.5, zorder=4 if style["marker"] == "*" else 3)
     for method in seen:  # one legend entry per method, in the method's own (unshaded) colour
         marker = METHOD_MARKERS.get(method, "o")
         ax.scatter([], [], color=METHOD_COLOURS.get(method, _NEUTRAL), marker=marker,
@@ -406,6 +408,8 @@ def plot_run_dots(values: Mapping[str, Mapping[str, float]], ax=None, errors: Ma
         ax.axvline(reference[0], color="black", ls="--", lw=1.0, label=reference[1])
     ax.set_yticks(range(len(labels)), list(reversed(labels)))
     ax.set_ylim(-0.6, len(labels) - 0.4)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
+    ax.margins(x=0.08)
     ax.set_xlabel(xlabel)
     if title:
         ax.set_title(title)
