@@ -39,6 +39,8 @@ def _typeset_math(driver) -> int:
     WebDriverWait(driver, 60).until(lambda d: d.execute_script(
         "return window.MathJax !== undefined && MathJax.Hub !== undefined && "
         "MathJax.Hub.queue.pending === 0 && MathJax.Hub.queue.running === 0"))
+    message = driver.execute_script("var m = document.getElementById('MathJax_Message'); return m ? m.textContent : ''")
+    assert "failed" not in message.lower(), message
     return driver.execute_script("return document.querySelectorAll('.MathJax, .MathJax_Display, .MathJax_CHTML').length")
 
 
