@@ -11,7 +11,7 @@ from pyro import poutine
 from pyro.infer import SVI, Predictive, TraceEnum_ELBO
 from pyro.infer.autoguide import AutoDelta, AutoNormal, init_to_value
 from pyro.optim import ClippedAdam
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain text bars: notebooks have no widget frontend
 
 from ..protocols import standard_normal_prior
 from .config import MixedMembershipConfig
