@@ -275,18 +275,28 @@ def load_corpus(config: DataConfig, seed: int = 0, cache_dir: Path | None = DEFA
         splits[split] = datasets.Dataset.from_dict(
             {"text": raw[split], "input_ids": ids, "length": [len(x) for x in ids]})
     if target is not None:
-        tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        vocab.save(tmp / "tokenizer.json")
-        for split, ds in splits.items():
-            ds.save_to_disk(str(tmp / split))
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process won the race: use theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-        splits = {s: datasets.load_from_disk(str(target / s)) for s in SPLITS}
+        splits = publish_splits(splits, target, vocab)
     return Corpus(splits, vocab, config)
+
+
+def publish_splits(splits: dict, target: Path, vocab=None) -> dict:
+    """Write tokenised splits (and the tokenizer, if given) to ``target`` atomically: a temporary
+    directory renamed into place, so a reader never sees half a cache entry. Returns the splits
+    reloaded from disk (memory-mapped)."""
+    import datasets
+
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if vocab is not None:
+        vocab.save(tmp / "tokenizer.json")
+    for split, ds in splits.items():
+        ds.save_to_disk(str(tmp / split))
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process won the race: use theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {s: datasets.load_from_disk(str(target / s)) for s in splits}
 
 
 # --------------------------------------------------------------------------------------------

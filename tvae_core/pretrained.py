@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from .config import RunConfig
-from .data import DEFAULT_CACHE_DIR, SPLITS, Corpus, encode_sentences, load_sentences
+from .data import DEFAULT_CACHE_DIR, SPLITS, Corpus, encode_sentences, load_sentences, publish_splits
 from .model import TransformerVAE, build_scratch_decoder, build_scratch_encoder
 
 log = logging.getLogger(__name__)
@@ -461,16 +461,7 @@ def load_pretrained_corpus(config: RunConfig, cache_dir: str | Path | None = DEF
                                                               config.data.max_length)
         splits[split] = datasets.Dataset.from_dict(columns)
     if target is not None:
-        tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for split, ds in splits.items():
-            ds.save_to_disk(str(tmp / split))
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process won the race: use theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-        splits = {s: datasets.load_from_disk(str(target / s)) for s in SPLITS}
+        splits = publish_splits(splits, target)
     return PretrainedCorpus(splits, vocab, config.data, encoder_tokenizer)
 
 
