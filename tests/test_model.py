@@ -98,3 +98,20 @@ def test_generation_longer_than_the_decoder_positions_fails_early():
     model = make_model("both")
     with pytest.raises(ValueError, match="max_new_tokens=25 exceeds the decoder's 24 positions"):
         model.generate(torch.zeros(1, 4), 25)
+
+
+def test_latent_projections_use_the_decoders_initialisation():
+    """N(0, 0.02^2) weights and zero biases (PyTorch's default made z -> embedding ~30x larger than
+    a token embedding); with zero biases, z = 0 leaves the embedding-injected decoder the plain LM."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, latent_dim=16, injection="both", dropout=0.0)
+    model = TransformerVAE.from_scratch(cfg, 40, pad_id=0, unk_id=1, bos_id=2, eos_id=3, max_length=24).eval()
+    for layer in (model.latent_to_memory, model.latent_to_embedding):
+        assert torch.all(layer.bias == 0)
+        assert layer.weight.std().item() == pytest.approx(0.02, rel=0.2)
+    embedding_only = TransformerVAE(cfg.__class__(**{**cfg.__dict__, "injection": "embedding"}), model.encoder,
+                                    model.decoder, pad_id=0, bos_id=2, eos_id=3, unk_id=1).eval()
+    batch = collate([[2, 5, 6, 7, 3]], 0)
+    ids, mask = batch["input_ids"][:, :-1], batch["attention_mask"][:, :-1]
+    torch.testing.assert_close(embedding_only.decoder_logits(ids, mask, torch.zeros(1, 16)),
+                               embedding_only.decoder_logits(ids, mask, None))

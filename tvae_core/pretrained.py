@@ -523,23 +523,7 @@ def build_pretrained_model(config: RunConfig, vocab) -> PretrainedTransformerVAE
     model = PretrainedTransformerVAE(m, encoder, decoder, pad_id=vocab.pad_id, bos_id=vocab.bos_id,
                                      eos_id=vocab.eos_id, unk_id=vocab.unk_id, decoder_vocab=vocab,
                                      encoder_tokenizer=encoder_tokenizer, max_length=max_length)
-    if m.decoder != SCRATCH:
-        init_latent_projections(model, getattr(decoder.config, "initializer_range", 0.02))
-    return model
-
-
-def init_latent_projections(model: TransformerVAE, std: float = 0.02) -> None:
-    """The decoder's own initialisation for the new z -> memory / embedding layers: weights
-    N(0, std^2) (``initializer_range``, 0.02 for GPT-2, BERT and Llama), biases zero. With
-    PyTorch's default init the biases alone (up to 1/sqrt(D)) shift every token embedding by
-    more than its own spread and cost SmolLM2 ~0.9 nats per token before training; with zero
-    biases, z = 0 leaves the embedding-injected decoder exactly the pretrained LM (tested)."""
-    with torch.no_grad():
-        for name in ("latent_to_memory", "latent_to_embedding"):
-            layer = getattr(model, name, None)
-            if layer is not None:
-                layer.weight.normal_(0.0, std)
-                layer.bias.zero_()
+    return model  # the latent projections use the decoder's initializer_range (TransformerVAE)
 
 
 def pretrained_config(base: RunConfig, encoder: str = DEFAULT_ENCODER, decoder: str = DEFAULT_DECODER,
@@ -594,7 +578,8 @@ def pretrained_study(profile: str, seed: int = 0, target_rate: float | None = No
     for method, rate in (("VAE", None), ("MDR", target)):
         cfg = pretrained_config(method_config(method, p, rate, seed), encoder, decoder)
         cfg = cfg.replace(
-            data={"max_train_sentences": size.max_train_sentences, "max_eval_sentences": size.max_eval_sentences},
+            data={"max_train_sentences": size.max_train_sentences, "max_eval_sentences": size.max_eval_sentences,
+                  "max_test_sentences": size.max_eval_sentences},
             model={"latent_dim": size.latent_dim},
             train={"max_steps": size.max_steps, "batch_size": size.batch_size, "eval_every": size.max_steps,
                    "checkpoint_every": max(1, min(size.max_steps, 50)),

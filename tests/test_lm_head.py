@@ -1,0 +1,64 @@
+"""The fused, blocked LM head + cross-entropy equals the plain computation, values and gradients."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tvae_core.lm_head import linear_cross_entropy
+
+
+def _plain(hidden, weight, bias, targets):
+    return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="none")
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("block_rows", [1, 7, 64, 1000])
+def test_values_and_gradients_match_plain_cross_entropy(with_bias, block_rows):
+    gen = torch.Generator().manual_seed(0)
+    m, h, v = 37, 16, 101
+    hidden0 = torch.randn(m, h, generator=gen)
+    weight0 = torch.randn(v, h, generator=gen) * 0.5
+    bias0 = torch.randn(v, generator=gen) if with_bias else None
+    targets = torch.randint(0, v, (m,), generator=gen)
+    upstream = torch.rand(m, generator=gen)  # a non-uniform upstream gradient
+
+    results = []
+    for fn in (_plain, lambda *a: linear_cross_entropy(*a, block_rows=block_rows)):
+        hidden = hidden0.clone().requires_grad_()
+        weight = weight0.clone().requires_grad_()
+        bias = bias0.clone().requires_grad_() if with_bias else None
+        nll = fn(hidden, weight, bias, targets)
+        (nll * upstream).sum().backward()
+        results.append((nll.detach(), hidden.grad, weight.grad, bias.grad if with_bias else None))
+    (ref, ref_h, ref_w, ref_b), (out, out_h, out_w, out_b) = results
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_h, ref_h, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_w, ref_w, rtol=1e-5, atol=1e-5)
+    if with_bias:
+        torch.testing.assert_close(out_b, ref_b, rtol=1e-5, atol=1e-5)
+
+
+def test_tied_weights_accumulate_both_gradients():
+    """GPT-2 ties the head to the input embedding: the weight's gradient must be the sum of both uses."""
+    gen = torch.Generator().manual_seed(1)
+    weight0 = torch.randn(50, 8, generator=gen)
+    ids = torch.randint(0, 50, (12,), generator=gen)
+    targets = torch.randint(0, 50, (12,), generator=gen)
+    grads = []
+    for fn in (_plain, linear_cross_entropy):
+        weight = weight0.clone().requires_grad_()
+        hidden = torch.tanh(F.embedding(ids, weight))
+        fn(hidden, weight, None, targets).sum().backward()
+        grads.append(weight.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-5)
+
+
+def test_no_grad_path_and_bad_shapes():
+    hidden, weight = torch.randn(5, 4), torch.randn(9, 4)
+    targets = torch.tensor([0, 1, 2, 3, 8])
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, None, targets, block_rows=2),
+                                   _plain(hidden, weight, None, targets))
+    with pytest.raises(ValueError, match="targets"):
+        linear_cross_entropy(hidden, weight, None, targets[:3])
+    with pytest.raises(ValueError, match="block_rows"):
+        linear_cross_entropy(hidden, weight, None, targets, block_rows=0)
