@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tvae_core.config import ObjectiveConfig
 from tvae_core.objectives import (LagrangeMultiplier, beta_at, compute_loss, elbo_loss, free_bits_loss,
@@ -86,6 +87,44 @@ def test_mdr_model_gradient_on_rate_is_one_minus_lambda():
     assert torch.allclose(kl.grad, torch.full((2, 2), (1 - 3.0) / 2))
     # and u gets d/du [lambda (r - R)] = sigmoid(u) (r - R)
     assert multiplier.u.grad.item() == pytest.approx(torch.sigmoid(multiplier.u).item() * (10.0 - 1.0), rel=1e-5)
+
+
+def test_mdr_damping_adds_c_times_the_constraint_to_the_rate_gradient():
+    multiplier = LagrangeMultiplier(3.0)
+    kl = torch.full((2, 2), 0.5, requires_grad=True)  # R = 1, r = 10
+    loss, _ = mdr_loss(torch.zeros(2), kl, 10.0, multiplier, damping=0.2)
+    loss.backward()
+    # d/dKL_bd of [R + lambda (r - R) + c/2 (r - R)^2] = (1 - lambda - c (r - R)) / B
+    assert torch.allclose(kl.grad, torch.full((2, 2), (1 - 3.0 - 0.2 * 9.0) / 2))
+
+
+def _mdr_toy_rates(damping: float, steps: int = 3000) -> list[float]:
+    """Descent-ascent on a model whose rate is free (R = 10 softplus(theta)) and whose decoder
+    ignores the latent (constant distortion): the equilibrium multiplier is exactly 1."""
+    theta = torch.tensor(0.0, requires_grad=True)
+    multiplier = LagrangeMultiplier(1.0)
+    model_opt = torch.optim.SGD([theta], lr=0.05)
+    multiplier_opt = LagrangeMultiplier.make_optimizer(multiplier, lr=0.01)
+    rates = []
+    for _ in range(steps):
+        rate = F.softplus(theta) * 10
+        loss, diagnostics = mdr_loss((5.0 + 0.0 * rate).reshape(1), (rate / 2).expand(1, 2), 8.0,
+                                     multiplier, damping)
+        model_opt.zero_grad()
+        multiplier_opt.zero_grad()
+        loss.backward()
+        model_opt.step()
+        multiplier_opt.step()
+        rates.append(diagnostics["rate"])
+    return rates
+
+
+def test_plain_mdr_cycles_and_damped_mdr_settles_on_a_collapse_prone_toy():
+    """The failure the book measures on PTB, in miniature: without damping the rate swings between
+    ~0 and far above the target forever; with c = 0.1 it settles on the target."""
+    plain, damped = _mdr_toy_rates(0.0)[-500:], _mdr_toy_rates(0.1)[-500:]
+    assert min(plain) < 1.0 and max(plain) > 50.0
+    assert max(abs(r - 8.0) for r in damped) < 0.01
 
 
 def test_mdr_rate_ema_smooths_the_signal():

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Bump when a change makes old cached runs incompatible (format, or what a config trains).
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 
 DATA_SOURCES = ("ptb", "text", "hf")
 TOKENIZERS = ("word", "pretrained")
@@ -48,7 +48,8 @@ class DataConfig:
     vocab_size: int = 10_000        # word tokenizer only; specials come on top
     max_length: int = 64            # tokens incl. BOS/EOS; longer sentences are truncated (counted warning)
     max_train_sentences: int | None = None  # None = the whole split
-    max_eval_sentences: int | None = None
+    max_eval_sentences: int | None = None   # validation split (monitoring during training)
+    max_test_sentences: int | None = None   # test split (held-out estimators); None = whole split
 
     def __post_init__(self):
         _check_choice("data.source", self.source, DATA_SOURCES)
@@ -57,7 +58,7 @@ class DataConfig:
             raise ValueError(f"data.path is required when data.source={self.source!r}")
         _check_positive_int("data.vocab_size", self.vocab_size, 10)
         _check_positive_int("data.max_length", self.max_length, 3)
-        for name in ("max_train_sentences", "max_eval_sentences"):
+        for name in ("max_train_sentences", "max_eval_sentences", "max_test_sentences"):
             value = getattr(self, name)
             if value is not None:
                 _check_positive_int(f"data.{name}", value)
@@ -108,6 +109,7 @@ class ObjectiveConfig:
     mdr_lambda_init: float = 1.0    # lambda_0 = softplus(u_0); the rate's weight is 1 - lambda: 1.0 starts with the rate unpenalised, 0 is the ELBO
     mdr_lr: float = 0.01            # SGD gradient-ascent step on u (the thesis code: RMSprop 5e-5, barely moved)
     mdr_rate_ema: float | None = None  # None: lambda sees the batch rate; else EMA decay in (0, 1)
+    mdr_damping: float = 0.0        # c of the damped multiplier method (Platt & Barr 1988): + c/2 (r - R)^2; 0 = plain MDR
 
     def __post_init__(self):
         _check_choice("objective.name", self.name, OBJECTIVES)
@@ -134,6 +136,8 @@ class ObjectiveConfig:
             raise ValueError(f"objective.mdr_lr={self.mdr_lr!r} must be a finite number > 0")
         if self.mdr_rate_ema is not None and not (0 < self.mdr_rate_ema < 1):
             raise ValueError(f"objective.mdr_rate_ema={self.mdr_rate_ema!r} must be None or in (0, 1)")
+        if not (math.isfinite(self.mdr_damping) and self.mdr_damping >= 0):
+            raise ValueError(f"objective.mdr_damping={self.mdr_damping!r} must be a finite number >= 0")
 
 
 @dataclass(frozen=True)
