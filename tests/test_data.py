@@ -78,3 +78,16 @@ def test_batches_are_deterministic_per_epoch_and_cover_everything():
     other = [b["input_ids"].tolist() for b in iterate_batches(seqs, 8, 0, shuffle=True, seed=1, epoch=1)]
     assert first == again and first != other
     assert sum(len(b) for b in first) == 50
+
+
+def test_validation_and_test_caps_are_separate():
+    """max_eval_sentences limits monitoring (valid) only; the held-out estimators see the whole test
+    split unless max_test_sentences says otherwise."""
+    from tvae_core.data import load_sentences
+
+    splits = load_sentences(DataConfig(max_eval_sentences=10))
+    assert len(splits["valid"]) == 10 and len(splits["test"]) == PTB_SIZES["test"]
+    splits = load_sentences(DataConfig(max_test_sentences=7))
+    assert len(splits["test"]) == 7 and len(splits["valid"]) == PTB_SIZES["valid"]
+    with pytest.raises(ValueError, match="data.max_test_sentences"):
+        DataConfig(max_test_sentences=0)

