@@ -168,8 +168,9 @@ def main(argv=None) -> int:
     execute.add_argument("--profile", default="default", choices=PROFILE_NAMES)
     execute.add_argument("--kernel", default=None, help="Jupyter kernel name (make install registers `tvae`)")
     execute.add_argument("--only", nargs="*", default=None, help="notebook prefixes, e.g. 00 03")
+    execute.add_argument("--workers", type=int, default=2, help="notebooks executed side by side (one kernel each)")
     execute.set_defaults(func=lambda a: __import__("tvae_core.book", fromlist=["x"]).execute_all(
-        a.profile, a.kernel, a.only))
+        a.profile, a.kernel, a.only, a.workers))
 
     render = sub.add_parser("render", help="build the HTML book from the executed notebooks (strict)")
     render.set_defaults(func=lambda a: __import__("tvae_core.book", fromlist=["x"]).render())
