@@ -82,7 +82,13 @@ class TransformerVAE(nn.Module):
     Batches: ``input_ids`` / ``attention_mask`` [B, T] hold ``[BOS] w_1..w_n [EOS]`` in the
     decoder's vocabulary; optional ``encoder_input_ids`` / ``encoder_attention_mask`` when the
     encoder has its own tokenizer (pretrained encoders).
+
+    ``fuse_lm_head`` (default True) computes a plain linear LM head and its cross-entropy in
+    blocks (:mod:`tvae_core.lm_head`); False is the unfused computation, kept for comparison
+    (``benchmarks/bench_core.py``) and debugging. Both give the same numbers to float rounding.
     """
+
+    fuse_lm_head: bool = True
 
     def __init__(self, config: ModelConfig, encoder: nn.Module | None, decoder: nn.Module, *,
                  pad_id: int, bos_id: int, eos_id: int, unk_id: int):
@@ -218,7 +224,7 @@ class TransformerVAE(nn.Module):
         latent = z.reshape(num_samples * batch_size, -1) if self.uses_latent else None  # [S*B, D]
         hidden = self.decoder_hidden_states(inputs, mask[:, :-1].repeat(num_samples, 1), latent)  # [S*B, T-1, H]
         head = _lm_head(self.decoder)
-        if isinstance(head, nn.Linear):
+        if isinstance(head, nn.Linear) and self.fuse_lm_head:
             token_nll = linear_cross_entropy(hidden[target_mask], head.weight, head.bias,
                                              targets[target_mask])  # [M], M real targets
         else:  # heads with a transform before the vocabulary projection (RoBERTa, BERT)
