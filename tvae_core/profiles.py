@@ -56,6 +56,23 @@ class MixedMembershipSize:
 
 
 @dataclass(frozen=True)
+class PretrainedStudySize:
+    """Run and evaluation sizes of the pretrained encoder/decoder study (notebook 06). A 135M
+    parameter decoder with a 49k-token vocabulary costs ~5 s per training step at batch 8 on one
+    CPU thread (measured), and the estimator sizes above (K = 500 per sentence) would take hours:
+    these keep the study affordable and every decoder call small."""
+
+    max_steps: int
+    batch_size: int
+    max_train_sentences: int | None
+    max_eval_sentences: int | None     # validation and test sentences
+    eval_batch_size: int               # sentences per decoder call in evaluation
+    iw_num_samples: int                # K of the importance-weighted bound
+    iw_max_sentences: int | None
+    latent_dim: int
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     training: TrainingSize
@@ -63,6 +80,7 @@ class Profile:
     estimators: EstimatorSize
     exact_vae: ExactVAESize
     mmm: MixedMembershipSize
+    pretrained: PretrainedStudySize
     target_rates: tuple[float, ...] = field(default=(4.0, 8.0, 16.0, 24.0, 32.0))
 
 
@@ -78,6 +96,8 @@ PROFILES: dict[str, Profile] = {
         exact_vae=ExactVAESize(num_points_ladder=(16, 64, 256), num_samples_ladder=(1, 4, 16),
                                num_repeats=2),
         mmm=MixedMembershipSize(samples_per_group=100, num_components=3, num_steps=50, low_rank=2),
+        pretrained=PretrainedStudySize(max_steps=2, batch_size=4, max_train_sentences=32, max_eval_sentences=8,
+                                       eval_batch_size=8, iw_num_samples=2, iw_max_sentences=4, latent_dim=8),
         target_rates=(2.0, 4.0),
     ),
     "default": Profile(
@@ -97,6 +117,10 @@ PROFILES: dict[str, Profile] = {
                                num_samples_ladder=(1, 4, 16, 64, 256, 1024), num_repeats=5),
         mmm=MixedMembershipSize(samples_per_group=1000, num_components=10, num_steps=300,
                                 low_rank=4),
+        # ~5 s per step, ~2 min per evaluation (the IW bound dominates) on 1 busy CPU thread
+        pretrained=PretrainedStudySize(max_steps=150, batch_size=8, max_train_sentences=None,
+                                       max_eval_sentences=200, eval_batch_size=16, iw_num_samples=10,
+                                       iw_max_sentences=50, latent_dim=32),
     ),
     "full": Profile(
         name="full",
@@ -111,6 +135,9 @@ PROFILES: dict[str, Profile] = {
                                num_samples_ladder=(1, 4, 16, 64, 256, 1024, 4096), num_repeats=10),
         mmm=MixedMembershipSize(samples_per_group=3000, num_components=20, num_steps=2000,
                                 low_rank=8),
+        pretrained=PretrainedStudySize(max_steps=20_000, batch_size=32, max_train_sentences=None,
+                                       max_eval_sentences=None, eval_batch_size=32, iw_num_samples=500,
+                                       iw_max_sentences=None, latent_dim=32),
     ),
 }
 
