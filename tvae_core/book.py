@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS_DIR = ROOT / "notebooks"
 BOOK_DIR = ROOT / "book"
 EXECUTED_DIR = BOOK_DIR / "notebooks"
+SMOKE_DIR = BOOK_DIR / "_build" / "smoke-notebooks"  # smoke executions never replace the book's pages
 PROVENANCE_PACKAGES = ("torch", "transformers", "datasets", "tokenizers", "pyro-ppl", "papermill",
                        "jupyter-book", "numpy", "matplotlib", "tvae_core")
 
@@ -85,10 +86,16 @@ def _previous_seconds(source: Path) -> float:
         return 0.0
 
 
+def output_dir_for(profile: str) -> Path:
+    """Where ``execute`` writes: the book's pages, except for the smoke profile (a check, not a
+    result), which goes to ``book/_build/smoke-notebooks/``."""
+    return SMOKE_DIR if profile == "smoke" else EXECUTED_DIR
+
+
 def execute_all(profile: str, kernel: str | None = None, only: list[str] | None = None,
                 workers: int = 1) -> int:
-    """Execute the source notebooks into the book, ``workers`` at a time (each in its own kernel,
-    longest first by the last run's time). With several workers every kernel gets one torch
+    """Execute the source notebooks into :func:`output_dir_for` ``(profile)``, ``workers`` at a
+    time (each in its own kernel, longest first by the last run's time). With several workers every kernel gets one torch
     thread (``OMP_NUM_THREADS=1``): on 2 cores two 1-thread notebooks side by side beat one
     2-thread notebook after the other."""
     from concurrent.futures import ThreadPoolExecutor
@@ -97,6 +104,7 @@ def execute_all(profile: str, kernel: str | None = None, only: list[str] | None 
         raise ValueError(f"workers={workers} must be >= 1")
     notebooks = [nb for nb in source_notebooks() if not only or any(nb.stem.startswith(o) for o in only)]
     notebooks.sort(key=_previous_seconds, reverse=True)
+    output = output_dir_for(profile)
     if workers > 1:
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"  # inherited by every kernel
     failures = []
@@ -105,17 +113,18 @@ def execute_all(profile: str, kernel: str | None = None, only: list[str] | None 
     def run(source: Path) -> None:
         print(f"[execute] {source.name} (profile={profile}) ...", flush=True)
         try:
-            seconds = execute_notebook(source, EXECUTED_DIR / source.name, profile, kernel)
+            seconds = execute_notebook(source, output / source.name, profile, kernel)
             print(f"[execute] {source.name}: {seconds:.1f} s", flush=True)
         except NotebookFailed as err:
             print(f"[execute] FAILED: {err}", file=sys.stderr, flush=True)
             failures.append(str(err))
-            (EXECUTED_DIR / (source.stem + ".running.ipynb")).unlink(missing_ok=True)
+            (output / (source.stem + ".running.ipynb")).unlink(missing_ok=True)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         list(pool.map(run, notebooks))
     failures.sort()
-    print(f"[execute] {len(notebooks) - len(failures)}/{len(notebooks)} notebooks in {time.time() - total:.1f} s")
+    print(f"[execute] {len(notebooks) - len(failures)}/{len(notebooks)} notebooks in {time.time() - total:.1f} s "
+          f"into {output}")
     if failures:
         print("\n".join(["[execute] failures:"] + failures), file=sys.stderr)
         return 1
