@@ -62,3 +62,16 @@ def test_no_grad_path_and_bad_shapes():
         linear_cross_entropy(hidden, weight, None, targets[:3])
     with pytest.raises(ValueError, match="block_rows"):
         linear_cross_entropy(hidden, weight, None, targets, block_rows=0)
+
+
+def test_bfloat16_evaluation_is_close_and_refused_with_gradients():
+    gen = torch.Generator().manual_seed(2)
+    hidden, weight = torch.randn(40, 16, generator=gen), torch.randn(300, 16, generator=gen) * 0.3
+    targets = torch.randint(0, 300, (40,), generator=gen)
+    with torch.no_grad():
+        exact = linear_cross_entropy(hidden, weight, None, targets)
+        fast = linear_cross_entropy(hidden, weight, None, targets, compute_dtype=torch.bfloat16)
+    assert fast.dtype == torch.float32
+    assert 0 < (fast - exact).abs().max() < 0.05      # rounded, but only just
+    with pytest.raises(ValueError, match="evaluation only"):
+        linear_cross_entropy(hidden, weight.requires_grad_(), None, targets, compute_dtype=torch.bfloat16)

@@ -4,6 +4,9 @@
 
 * single-sample rate / distortion / ELBO (nats per sentence, per token, perplexity bound);
 * the importance-weighted bound on log p(x) with K = ``estimators.iw_num_samples``;
+
+every decoder pass with the LM head's matmul in ``estimators.lm_head_dtype`` (bfloat16 in the
+default profile: see :mod:`tvae_core.lm_head` for its measured effect);
 * the posterior parameters of every test sentence (kept as safetensors, for histograms, MMD and
   the mixed membership model) and, from them, the aggregate-posterior index-code MI and marginal
   KL (self-term and leave-one-out estimators, each with its ceiling), total correlation and
@@ -117,6 +120,7 @@ def evaluate_run(run: Run, profile: str | Profile, split: str = "test", seed: in
 
     started = time.time()
     model = run.model.eval()
+    model.evaluation_lm_head_dtype = getattr(torch, size.lm_head_dtype)
     corpus = evaluation_corpus(run)
     sequences = corpus.token_ids(split)
     pad = run.vocab.pad_id

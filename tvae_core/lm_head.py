@@ -13,6 +13,13 @@ recomputes each block's logits instead of storing them:
 
 The numbers equal the plain computation to float rounding (tested, values and gradients);
 ``benchmarks/bench_core.py`` measures the speed-up side by side.
+
+Evaluation only (no gradients), ``compute_dtype=torch.bfloat16`` runs the vocabulary matmul in
+bfloat16 with float32 accumulation and a float32 log-softmax: 3.9x faster per block on a CPU with
+AVX512-BF16 (measured, 64 x 64 x 10k). Measured on the default PTB models (300 test sentences,
+z = posterior mean): the per-sentence log-likelihood moves by 0.03 nats (standard deviation; at
+most 0.12) and its mean by at most 0.002 nats, against ~130 nats per sentence and standard errors
+of several nats between sentences.
 """
 from __future__ import annotations
 
@@ -24,11 +31,15 @@ DEFAULT_BLOCK_ROWS = 64  # fastest of 64..512 on the default head, 1 and 2 threa
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, block_rows: int):
+    def forward(ctx, hidden, weight, bias, targets, block_rows: int, compute_dtype=None):
         nll = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        w, b = weight, bias
+        if compute_dtype is not None:
+            w = weight.to(compute_dtype)
+            b = bias.to(compute_dtype) if bias is not None else None
         for start in range(0, hidden.shape[0], block_rows):
             rows = slice(start, start + block_rows)
-            logits = F.linear(hidden[rows], weight, bias).float()
+            logits = F.linear(hidden[rows].to(w.dtype), w, b).float()
             nll[rows] = F.cross_entropy(logits, targets[rows], reduction="none")
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.block_rows = block_rows
@@ -57,19 +68,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_b.add_(dlogits.sum(0))
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
         grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
-        return grad_h, grad_w, grad_b, None, None
+        return grad_h, grad_w, grad_b, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         targets: torch.Tensor, block_rows: int = DEFAULT_BLOCK_ROWS) -> torch.Tensor:
+                         targets: torch.Tensor, block_rows: int = DEFAULT_BLOCK_ROWS,
+                         compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Per-row negative log-likelihood ``-log softmax(hidden @ weight.T + bias)[targets]``, float32.
 
     hidden: [M, H], weight: [V, H], bias: [V] or None, targets: [M] -> [M]. Memory: one
-    ``[block_rows, V]`` block at a time, in the forward and the backward pass.
+    ``[block_rows, V]`` block at a time, in the forward and the backward pass. ``compute_dtype``
+    (evaluation only): the dtype of the vocabulary matmul; None keeps the weights' dtype.
     """
+    if compute_dtype is not None and torch.is_grad_enabled() and (
+            hidden.requires_grad or weight.requires_grad):
+        raise ValueError(f"compute_dtype={compute_dtype} is for evaluation only: call under torch.no_grad()")
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(f"hidden must be [M, H] and targets [M]; got {tuple(hidden.shape)} and "
                          f"{tuple(targets.shape)}")
     if block_rows < 1:
         raise ValueError(f"block_rows={block_rows} must be >= 1")
-    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, block_rows)
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, block_rows, compute_dtype)

@@ -89,6 +89,9 @@ class TransformerVAE(nn.Module):
     """
 
     fuse_lm_head: bool = True
+    # dtype of the vocabulary matmul in gradient-free evaluation (None: the weights' own); set by
+    # tvae_core.evaluation from the profile's EstimatorSize.lm_head_dtype
+    evaluation_lm_head_dtype: torch.dtype | None = None
 
     def __init__(self, config: ModelConfig, encoder: nn.Module | None, decoder: nn.Module, *,
                  pad_id: int, bos_id: int, eos_id: int, unk_id: int):
@@ -225,8 +228,9 @@ class TransformerVAE(nn.Module):
         hidden = self.decoder_hidden_states(inputs, mask[:, :-1].repeat(num_samples, 1), latent)  # [S*B, T-1, H]
         head = _lm_head(self.decoder)
         if isinstance(head, nn.Linear) and self.fuse_lm_head:
+            dtype = None if torch.is_grad_enabled() else self.evaluation_lm_head_dtype
             token_nll = linear_cross_entropy(hidden[target_mask], head.weight, head.bias,
-                                             targets[target_mask])  # [M], M real targets
+                                             targets[target_mask], compute_dtype=dtype)  # [M], M real targets
         else:  # heads with a transform before the vocabulary projection (RoBERTa, BERT)
             logits = head(hidden[target_mask])  # [M, V]
             token_nll = F.cross_entropy(logits.float(), targets[target_mask], reduction="none")
