@@ -31,7 +31,7 @@ def as_before(model):
     """The model as it was computed before the LM-head optimisations (same weights)."""
     from transformers.activations import ACT2FN
 
-    model.fuse_lm_head = False
+    model.fuse_lm_head = model.fuse_lm_head_in_evaluation = False
     for block in model.decoder.transformer.h:
         block.mlp.act = ACT2FN["gelu_new"]
     return model
