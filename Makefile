@@ -13,7 +13,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONWARNINGS := ignore::DeprecationWarning
 
-.PHONY: install test test-fast train execute render book check-html bench pretrained clean clean-runs
+.PHONY: install test test-fast train execute render book book-pretrained check-html bench pretrained clean clean-runs
 
 install: $(STAMP)
 
@@ -42,6 +42,11 @@ render: $(STAMP)
 	$(PY) -m tvae_core render
 
 book: execute
+	$(MAKE) render
+
+# the pretrained chapter (notebooks/pretrained/): ~30 CPU minutes, so `make book` keeps its committed page
+book-pretrained: pretrained
+	$(PY) -m tvae_core execute --profile $(PROFILE) --kernel $(KERNEL) --pretrained --workers 1
 	$(MAKE) render
 
 check-html: $(STAMP)

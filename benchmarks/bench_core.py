@@ -5,7 +5,7 @@
    optimisations of the LM head (unfused cross-entropy, GPT-2's 8-op "gelu_new") vs after.
 2. The importance-weighted log-likelihood with K = 500: before (plain head, 8-op GELU, 2,000
    sequences per decoder call) vs after (fused blocked head in the profile's ``lm_head_dtype``,
-   fused GELU, 500 per call) on the same sentences, then the whole PTB test split (3,761
+   fused GELU, 500 per call, sentences bucketed by length) on the same sentences, then the whole PTB test split (3,761
    sentences) with the current code (target: < 3 minutes).
 3. Aggregate-posterior MI and marginal KL over N = 10,000 points in D = 32 (target: < 5 s).
 
@@ -77,7 +77,8 @@ def time_iw(profile: str, num_samples: int, max_sentences: int | None, before: b
         model.evaluation_lm_head_dtype = getattr(torch, get_profile(profile).estimators.lm_head_dtype)
     seqs = corpus.token_ids("test")[:max_sentences]
     started = time.perf_counter()
-    result = evaluate_log_likelihood(model, iterate_batches(seqs, sentences_per_call, corpus.vocab.pad_id),
+    batches = iterate_batches(seqs, sentences_per_call, corpus.vocab.pad_id, bucket=not before)
+    result = evaluate_log_likelihood(model, batches,
                                      num_samples=num_samples, chunk_size=100,
                                      generator=torch.Generator().manual_seed(0), progress=progress)
     return time.perf_counter() - started, len(seqs), result.mean

@@ -169,8 +169,10 @@ def main(argv=None) -> int:
     execute.add_argument("--kernel", default=None, help="Jupyter kernel name (make install registers `tvae`)")
     execute.add_argument("--only", nargs="*", default=None, help="notebook prefixes, e.g. 00 03")
     execute.add_argument("--workers", type=int, default=2, help="notebooks executed side by side (one kernel each)")
+    execute.add_argument("--pretrained", action="store_true",
+                         help="execute notebooks/pretrained/ (needs `make pretrained`) instead of notebooks/")
     execute.set_defaults(func=lambda a: __import__("tvae_core.book", fromlist=["x"]).execute_all(
-        a.profile, a.kernel, a.only, a.workers))
+        a.profile, a.kernel, a.only, a.workers, a.pretrained))
 
     render = sub.add_parser("render", help="build the HTML book from the executed notebooks (strict)")
     render.set_defaults(func=lambda a: __import__("tvae_core.book", fromlist=["x"]).render())

@@ -34,7 +34,7 @@ from .profiles import EstimatorSize, Profile, get_profile
 from .runs import Run, write_json_atomic
 
 log = logging.getLogger(__name__)
-EVALUATION_FORMAT_VERSION = 1
+EVALUATION_FORMAT_VERSION = 2  # 2: IW batches bucketed by length, bfloat16 head option
 
 
 @dataclass(frozen=True)
@@ -127,14 +127,15 @@ def evaluate_run(run: Run, profile: str | Profile, split: str = "test", seed: in
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
 
-    def batches(seqs, batch_size=128):
-        return iterate_batches(seqs, batch_size, pad, shuffle=False, bucket=False)
+    def batches(seqs, batch_size=128, bucket=False):
+        return iterate_batches(seqs, batch_size, pad, shuffle=False, bucket=bucket)
 
     bounds = est.evaluate_bounds(model, batches(sequences), generator=generator, progress=progress)
     iw_seqs = sequences[: size.iw_max_sentences] if size.iw_max_sentences else sequences
-    # ~500 decoder sequences per call: ~20% faster than 2,000 (smaller working set; measured)
+    # ~500 decoder sequences per call: ~20% faster than 2,000 (smaller working set), and sentences
+    # of similar length together: another 17-20% (less padding; measured on 200 sentences)
     iw_batch = max(1, 512 // max(1, min(size.iw_num_samples, 100)))
-    iw = est.evaluate_log_likelihood(model, batches(iw_seqs, iw_batch), num_samples=size.iw_num_samples,
+    iw = est.evaluate_log_likelihood(model, batches(iw_seqs, iw_batch, bucket=True), num_samples=size.iw_num_samples,
                                      chunk_size=min(size.iw_num_samples, 100), generator=generator,
                                      progress=progress)
     elbo_iw = est.evaluate_bounds(model, batches(iw_seqs), generator=generator, progress=False).elbo
