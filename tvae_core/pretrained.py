@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from .config import RunConfig
-from .data import DEFAULT_CACHE_DIR, SPLITS, Corpus, encode_sentences, load_sentences, publish_splits
+from .data import DEFAULT_CACHE_DIR, SPLITS, Corpus, collate, encode_sentences, load_sentences, publish_splits
 from .model import TransformerVAE, build_scratch_decoder, build_scratch_encoder
 from .profiles import PretrainedStudySize
 
@@ -409,13 +409,8 @@ def encode_for_encoder(texts: list[str], tokenizer, max_length: int) -> list[lis
 
 
 def _pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    return ids, mask
+    batch = collate(sequences, pad_id)
+    return batch["input_ids"], batch["attention_mask"]
 
 
 def collate_pairs(decoder_ids: list[list[int]], encoder_ids: list[list[int]] | None, pad_id: int,

@@ -18,6 +18,7 @@ from .style import (
     OKABE_ITO,
     TERM_COLOURS,
     TERM_LABELS,
+    finish_axes,
     method_colour,
     new_figure,
     set_style,

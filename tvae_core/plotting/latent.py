@@ -18,7 +18,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from matplotlib.collections import LineCollection
 
-from .style import METHOD_COLOURS, METHOD_MARKERS, OKABE_ITO, TERM_COLOURS, TERM_LABELS, new_figure
+from .style import (METHOD_COLOURS, METHOD_MARKERS, OKABE_ITO, TERM_COLOURS, TERM_LABELS, finish_axes,
+                    new_figure)
 from .training import method_of_label
 
 WEIGHT_COLOUR_MAP = "mako_r"       # mixing weights in [0, 1]: light = 0, dark = 1
@@ -366,10 +367,4 @@ def plot_terms_along_path(position, terms: Mapping[str, object], ax=None, xlabel
     for i, (key, values) in enumerate(terms.items()):
         label, colour, style = _PATH_TERMS.get(key, (key, OKABE_ITO[i % len(OKABE_ITO)], "-"))
         ax.plot(position, np.asarray(values, dtype=float), color=colour, ls=style, lw=2, label=label)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
-    if legend:
-        ax.legend(fontsize=8)
-    return ax
+    return finish_axes(ax, xlabel, ylabel, title, legend)

@@ -63,6 +63,17 @@ def new_figure(kind: str = "single", ncols: int = 1, nrows: int = 1, **kwargs):
     return plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False, **kwargs)
 
 
+def finish_axes(ax, xlabel: str, ylabel: str, title: str | None = None, legend: bool = True):
+    """The last step of every figure function: axis labels, optional title and legend; returns ``ax``."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    if legend:
+        ax.legend(fontsize=8)
+    return ax
+
+
 def method_colour(method: str) -> str:
     """The colour of a training method (VAE, AE, CYC, FB, MDR, CYC-FB, prior, LM)."""
     if method not in METHOD_COLOURS:

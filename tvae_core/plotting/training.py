@@ -20,7 +20,7 @@ import numpy as np
 from matplotlib.colors import to_hex, to_rgb
 from matplotlib.ticker import MaxNLocator
 
-from .style import METHOD_COLOURS, METHOD_MARKERS, new_figure
+from .style import METHOD_COLOURS, METHOD_MARKERS, finish_axes, new_figure
 
 __all__ = [
     "method_of_label", "shades", "run_styles", "smooth", "plot_training_curves",
@@ -140,13 +140,7 @@ def plot_training_curves(histories: Mapping[str, Mapping], quantity: str = "rate
     if logy:
         ax.set_yscale("symlog", linthresh=0.1)
         ax.set_ylim(bottom=0.0)
-    ax.set_xlabel("optimiser step")
-    ax.set_ylabel(ylabel or quantity)
-    if title:
-        ax.set_title(title)
-    if legend:
-        ax.legend(fontsize=8)
-    return ax
+    return finish_axes(ax, "optimiser step", ylabel or quantity, title, legend)
 
 
 # ------------------------------------------------------------------------------ the rate-distortion plane
@@ -212,13 +206,7 @@ def plot_rate_distortion_plane(table, ax=None, iso_elbo: int = 6, reference: str
                 zorder=2, label=f"$D + R$ of {reference}")
     ax.set_xlim(*xlim)
     ax.set_ylim(*ylim)
-    ax.set_xlabel("rate $R$ (nats)")
-    ax.set_ylabel("distortion $D$ (nats)")
-    if title:
-        ax.set_title(title)
-    if legend:
-        ax.legend(fontsize=8)
-    return ax
+    return finish_axes(ax, "rate $R$ (nats)", "distortion $D$ (nats)", title, legend)
 
 
 def plot_elbo_vs_rate(table, ax=None, reference: str | None = None, colours: Mapping[str, str] | None = None,
@@ -237,13 +225,7 @@ def plot_elbo_vs_rate(table, ax=None, reference: str | None = None, colours: Map
         ax.axhline(table.loc[reference, column], color=styles[reference]["color"], ls="--", lw=1.2,
                    label=f"{reference}")
     ax.margins(x=0.06, y=0.12)
-    ax.set_xlabel("rate $R$ (nats)")
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
-    if legend:
-        ax.legend(fontsize=8)
-    return ax
+    return finish_axes(ax, "rate $R$ (nats)", ylabel, title, legend)
 
 
 def plot_achieved_vs_target(table, ax=None, colours: Mapping[str, str] | None = None,
@@ -289,13 +271,7 @@ def plot_achieved_vs_target(table, ax=None, colours: Mapping[str, str] | None = 
     ax.plot(line, line, color="black", ls="--", lw=0.9, label="achieved = target")
     ax.set_xlim(0.0, 1.08 * (hi if clip is None else max_target))
     ax.set_ylim(0.0, 1.05 * hi)
-    ax.set_xlabel("target rate $r$ (nats)")
-    ax.set_ylabel("achieved rate $R$ (nats)")
-    if title:
-        ax.set_title(title)
-    if legend:
-        ax.legend(fontsize=8)
-    return ax
+    return finish_axes(ax, "target rate $r$ (nats)", "achieved rate $R$ (nats)", title, legend)
 
 
 # ------------------------------------------------------------------------------ MDR
@@ -318,13 +294,7 @@ def plot_multiplier_trajectories(histories: Mapping[str, Mapping], ax=None, wind
             ax.plot(steps, smooth(values, window), color=styles[label]["color"], lw=1.5, label=label)
     ax.axhline(1.0, color="#777777", lw=0.9, ls=":", label=r"$\lambda = 1$: rate unpenalised")
     ax.axhline(0.0, color="black", lw=0.9, ls=":", label=r"$\lambda = 0$: the ELBO")
-    ax.set_xlabel("optimiser step")
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
-    if legend:
-        ax.legend(fontsize=8)
-    return ax
+    return finish_axes(ax, "optimiser step", ylabel, title, legend)
 
 
 def plot_rate_against_target(histories: Mapping[str, Mapping], targets: Mapping[str, float], ax=None,
@@ -362,13 +332,7 @@ def plot_kl_per_dimension(kl: Mapping[str, Sequence[float]], ax=None, sort: bool
         ax.bar(x, values, width=width, color=styles[label]["color"], label=name)
     if logy:
         ax.set_yscale("symlog", linthresh=1e-2)
-    ax.set_xlabel("latent dimension (sorted by KL)" if sort else "latent dimension $d$")
-    ax.set_ylabel(r"$\mathbb{E}_x\,\mathrm{KL}(q(z_d|x)\,\|\,p(z_d))$ (nats)")
-    if title:
-        ax.set_title(title)
-    if legend:
-        ax.legend(fontsize=8)
-    return ax
+    return finish_axes(ax, "latent dimension (sorted by KL)" if sort else "latent dimension $d$", r"$\mathbb{E}_x\,\mathrm{KL}(q(z_d|x)\,\|\,p(z_d))$ (nats)", title, legend)
 
 
 # ------------------------------------------------------------------------------ per-run numbers
