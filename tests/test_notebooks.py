@@ -65,7 +65,8 @@ def test_notebook_runs_in_the_smoke_profile(path, tmp_path):
 
 def test_book_notebooks_were_executed_with_the_default_profile():
     executed = sorted(EXECUTED.glob("[0-9][0-9]_*.ipynb"))
-    assert [p.name for p in executed] == [p.name for p in NOTEBOOKS], "run `make execute` to refresh the book"
+    assert [p.name for p in executed] == sorted([p.name for p in NOTEBOOKS] + [PRETRAINED_NOTEBOOK.name]), \
+        "run `make execute` (and `make book-pretrained`) to refresh the book"
     for path in executed:
         nb = nbformat.read(str(path), as_version=4)
         assert nb.metadata["papermill"]["parameters"]["profile"] == "default", path.name
@@ -127,3 +128,13 @@ def test_notebook_outputs_are_deterministic_given_parameters(tmp_path):
                     values[name_] = text  # wall-clock timings are the only glued values allowed to differ
         glued.append(values)
     assert len(glued[0]) >= 10 and glued[0] == glued[1]
+
+
+def test_pretrained_notebook_is_in_the_toc_and_its_page_is_committed():
+    """The pretrained chapter is executed by `make book-pretrained`, not `make book`: its executed
+    page must be committed (or the strict build fails), and it must come from the default profile."""
+    assert f"notebooks/{PRETRAINED_NOTEBOOK.stem}" in _toc_files()
+    page = ROOT / "book" / "notebooks" / PRETRAINED_NOTEBOOK.name
+    assert page.is_file(), "run `make book-pretrained` and commit book/notebooks/06_*.ipynb"
+    stamp = nbformat.read(str(page), as_version=4).metadata["tvae_provenance"]
+    assert stamp["profile"] == "default"
