@@ -119,7 +119,7 @@ def main() -> None:
         rows.append((f"IW K=500, {n} sentences, before (s)", before, ""))
         rows.append((f"IW K=500, {n} sentences, after (s)", after, ""))
         rows.append(("speed-up of IW (before / after)", before / after,
-                     f"same bound: {before_mean:.3f} vs {after_mean:.3f}"))
+                     f"bounds {before_mean:.3f} vs {after_mean:.3f} (other sample order)"))
         seconds, n, _ = time_iw(args.profile, 500, args.iw_sentences)
         rows.append((f"IW log-likelihood K=500, {n} test sentences (s)", seconds, "target < 180"))
     print(f"\n{'measurement':<52}{'value':>10}  note   (threads={args.threads}, profile={args.profile})")

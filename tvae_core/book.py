@@ -35,7 +35,7 @@ class NotebookFailed(RuntimeError):
 
 def source_notebooks(pretrained: bool = False) -> list[Path]:
     """The book's source notebooks; ``pretrained``: those of ``notebooks/pretrained/`` instead,
-    which need the pretrained weights (``make pretrained``) and ~30 CPU minutes, so ``make book``
+    which need the pretrained weights (``make pretrained``) and ~19 minutes on 2 cores, so ``make book``
     leaves their committed pages alone and ``make book-pretrained`` re-executes them."""
     folder = NOTEBOOKS_DIR / "pretrained" if pretrained else NOTEBOOKS_DIR
     return sorted(folder.glob("[0-9][0-9]_*.ipynb"))
