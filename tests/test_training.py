@@ -160,3 +160,24 @@ def test_cli_prints_where_the_run_is_stored_and_its_metrics(corpus, tmp_path):
     assert "run stored in" in lines[-2]
     summary = json.loads(lines[-1])
     assert summary["metrics"]["rate"] >= 0 and summary["label"] == "tiny-fb"
+
+
+def test_evaluation_is_cached_rebuilt_when_damaged_and_leaves_the_model_as_it_was(corpus, tmp_path):
+    """evaluate_run: the profile's bfloat16 head only for its own passes, the cached result returned
+    unchanged, and a damaged cache entry recomputed to the same numbers."""
+    import dataclasses
+
+    from tvae_core.evaluation import evaluate_run
+    from tvae_core.profiles import get_profile
+
+    smoke = get_profile("smoke")
+    profile = dataclasses.replace(smoke, estimators=dataclasses.replace(smoke.estimators, lm_head_dtype="bfloat16"))
+    run = train_or_load(tiny_config(corpus, "fb", 2.0, max_steps=4), tmp_path, progress=False)
+    first = evaluate_run(run, profile, progress=False)
+    assert run.model.evaluation_lm_head_dtype is None
+    assert first.iw_log_likelihood <= 0 and first.mutual_information <= first.mutual_information_ceiling + 1e-9
+    assert evaluate_run(run, profile, progress=False) == first
+    (json_path,) = run.path.glob("evaluation-*.json")
+    json_path.write_text(json_path.read_text()[:20])           # truncated: damaged
+    again = evaluate_run(run, profile, progress=False)
+    assert dataclasses.replace(again, seconds=0) == dataclasses.replace(first, seconds=0)

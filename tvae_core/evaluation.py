@@ -120,53 +120,57 @@ def evaluate_run(run: Run, profile: str | Profile, split: str = "test", seed: in
 
     started = time.time()
     model = run.model.eval()
-    model.evaluation_lm_head_dtype = getattr(torch, size.lm_head_dtype)
-    corpus = evaluation_corpus(run)
-    sequences = corpus.token_ids(split)
-    pad = run.vocab.pad_id
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
+    previous_dtype = model.evaluation_lm_head_dtype
+    model.evaluation_lm_head_dtype = getattr(torch, size.lm_head_dtype)  # restored below
+    try:
+        corpus = evaluation_corpus(run)
+        sequences = corpus.token_ids(split)
+        pad = run.vocab.pad_id
+        generator = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
 
-    def batches(seqs, batch_size=128, bucket=False):
-        return iterate_batches(seqs, batch_size, pad, shuffle=False, bucket=bucket)
+        def batches(seqs, batch_size=128, bucket=False):
+            return iterate_batches(seqs, batch_size, pad, shuffle=False, bucket=bucket)
 
-    bounds = est.evaluate_bounds(model, batches(sequences), generator=generator, progress=progress)
-    iw_seqs = sequences[: size.iw_max_sentences] if size.iw_max_sentences else sequences
-    # ~500 decoder sequences per call: ~20% faster than 2,000 (smaller working set), and sentences
-    # of similar length together: another 17-20% (less padding; measured on 200 sentences)
-    iw_batch = max(1, 512 // max(1, min(size.iw_num_samples, 100)))
-    iw = est.evaluate_log_likelihood(model, batches(iw_seqs, iw_batch, bucket=True), num_samples=size.iw_num_samples,
-                                     chunk_size=min(size.iw_num_samples, 100), generator=generator,
-                                     progress=progress)
-    elbo_iw = est.evaluate_bounds(model, batches(iw_seqs), generator=generator, progress=False).elbo
-    params = est.collect_posterior_parameters(model, batches(sequences), progress=False)
-    with_self, loo = est.self_and_leave_one_out_terms(params.loc, params.scale, generator=generator,
-                                                      decompose=True)
-    units = est.active_units(params.loc)
-    kl_dims = est.kl_per_dimension(params.loc, params.scale)
-    n_mmd = min(size.mmd_num_samples, params.loc.shape[0])
-    z_q = est.sample_aggregate_posterior(params.loc[:n_mmd], params.scale[:n_mmd], 1, generator).reshape(n_mmd, -1)
-    z_p = torch.randn(n_mmd, params.loc.shape[1], generator=generator, dtype=torch.float64)
-    mmd = est.mmd_permutation_test(z_q, z_p, num_permutations=size.mmd_permutations, generator=generator)
+        bounds = est.evaluate_bounds(model, batches(sequences), generator=generator, progress=progress)
+        iw_seqs = sequences[: size.iw_max_sentences] if size.iw_max_sentences else sequences
+        # ~500 decoder sequences per call: ~20% faster than 2,000 (smaller working set), and sentences
+        # of similar length together: another 17-20% (less padding; measured on 200 sentences)
+        iw_batch = max(1, 512 // max(1, min(size.iw_num_samples, 100)))
+        iw = est.evaluate_log_likelihood(model, batches(iw_seqs, iw_batch, bucket=True), num_samples=size.iw_num_samples,
+                                         chunk_size=min(size.iw_num_samples, 100), generator=generator,
+                                         progress=progress)
+        elbo_iw = est.evaluate_bounds(model, batches(iw_seqs), generator=generator, progress=False).elbo
+        params = est.collect_posterior_parameters(model, batches(sequences), progress=False)
+        with_self, loo = est.self_and_leave_one_out_terms(params.loc, params.scale, generator=generator,
+                                                          decompose=True)
+        units = est.active_units(params.loc)
+        kl_dims = est.kl_per_dimension(params.loc, params.scale)
+        n_mmd = min(size.mmd_num_samples, params.loc.shape[0])
+        z_q = est.sample_aggregate_posterior(params.loc[:n_mmd], params.scale[:n_mmd], 1, generator).reshape(n_mmd, -1)
+        z_p = torch.randn(n_mmd, params.loc.shape[1], generator=generator, dtype=torch.float64)
+        mmd = est.mmd_permutation_test(z_q, z_p, num_permutations=size.mmd_permutations, generator=generator)
 
-    result = RunEvaluation(
-        label=run.label, run_key=run.config.key, split=split, num_sentences=bounds.num_sequences,
-        num_tokens=bounds.num_tokens, rate=bounds.rate, distortion=bounds.distortion, elbo=bounds.elbo,
-        elbo_per_token=bounds.elbo_per_token, perplexity_bound=bounds.perplexity,
-        iw_num_samples=size.iw_num_samples, iw_num_sentences=iw.num_sequences,
-        iw_log_likelihood=iw.mean, iw_log_likelihood_se=iw.standard_error, iw_perplexity=iw.perplexity,
-        elbo_on_iw_sentences=elbo_iw,
-        mutual_information=with_self.mutual_information.value,
-        mutual_information_ceiling=with_self.mutual_information.ceiling,
-        mutual_information_at_ceiling=bool(with_self.mutual_information.at_ceiling),
-        mutual_information_loo=loo.mutual_information.value,
-        marginal_kl=with_self.marginal_kl.value, marginal_kl_loo=loo.marginal_kl.value,
-        total_correlation=float(with_self.total_correlation),
-        dimensionwise_kl=float(with_self.dimensionwise_kl),
-        active_units=int(units.num_active), kl_per_dimension=[float(v) for v in kl_dims],
-        mmd_statistic=float(mmd.mmd2), mmd_p_value=float(mmd.p_value),
-        seconds=time.time() - started,
-    )
+        result = RunEvaluation(
+            label=run.label, run_key=run.config.key, split=split, num_sentences=bounds.num_sequences,
+            num_tokens=bounds.num_tokens, rate=bounds.rate, distortion=bounds.distortion, elbo=bounds.elbo,
+            elbo_per_token=bounds.elbo_per_token, perplexity_bound=bounds.perplexity,
+            iw_num_samples=size.iw_num_samples, iw_num_sentences=iw.num_sequences,
+            iw_log_likelihood=iw.mean, iw_log_likelihood_se=iw.standard_error, iw_perplexity=iw.perplexity,
+            elbo_on_iw_sentences=elbo_iw,
+            mutual_information=with_self.mutual_information.value,
+            mutual_information_ceiling=with_self.mutual_information.ceiling,
+            mutual_information_at_ceiling=bool(with_self.mutual_information.at_ceiling),
+            mutual_information_loo=loo.mutual_information.value,
+            marginal_kl=with_self.marginal_kl.value, marginal_kl_loo=loo.marginal_kl.value,
+            total_correlation=float(with_self.total_correlation),
+            dimensionwise_kl=float(with_self.dimensionwise_kl),
+            active_units=int(units.num_active), kl_per_dimension=[float(v) for v in kl_dims],
+            mmd_statistic=float(mmd.mmd2), mmd_p_value=float(mmd.p_value),
+            seconds=time.time() - started,
+        )
+    finally:
+        model.evaluation_lm_head_dtype = previous_dtype
     tmp = tensor_path.with_name(tensor_path.name + f".tmp-{os.getpid()}")
     save_file({"loc": params.loc.contiguous(), "scale": params.scale.contiguous()}, str(tmp))
     os.replace(tmp, tensor_path)

@@ -86,8 +86,8 @@ class TransformerVAE(nn.Module):
     ``fuse_lm_head`` (default True) computes a plain linear LM head and its cross-entropy in
     blocks (:mod:`tvae_core.lm_head`) also when training; False trains with the unfused
     computation (kept for comparison, ``benchmarks/bench_core.py``). Evaluation without gradients
-    uses the blocked head unless ``fuse_lm_head_in_evaluation`` is False; it bounds the memory. Both give the same numbers to float
-    rounding. The blocked backward pass recomputes each block's logits: a win when the head is
+    uses the blocked head unless ``fuse_lm_head_in_evaluation`` is False; it bounds the memory.
+    Both give the same numbers to float rounding. The blocked backward pass recomputes each block's logits: a win when the head is
     memory-bound (hidden 64: 1.4x per training step) and a loss when it is compute-bound
     (SmolLM2, hidden 576: 4.03 vs 3.60 s per step, ``benchmarks/bench_pretrained.py``), so
     pretrained models train unfused.
@@ -233,8 +233,10 @@ class TransformerVAE(nn.Module):
         latent = z.reshape(num_samples * batch_size, -1) if self.uses_latent else None  # [S*B, D]
         hidden = self.decoder_hidden_states(inputs, mask[:, :-1].repeat(num_samples, 1), latent)  # [S*B, T-1, H]
         head = _lm_head(self.decoder)
-        if isinstance(head, nn.Linear) and (self.fuse_lm_head if torch.is_grad_enabled() else self.fuse_lm_head_in_evaluation):
-            dtype = None if torch.is_grad_enabled() else self.evaluation_lm_head_dtype
+        training = torch.is_grad_enabled()
+        fused = self.fuse_lm_head if training else self.fuse_lm_head_in_evaluation
+        if isinstance(head, nn.Linear) and fused:
+            dtype = None if training else self.evaluation_lm_head_dtype
             token_nll = linear_cross_entropy(hidden[target_mask], head.weight, head.bias,
                                              targets[target_mask], compute_dtype=dtype)  # [M], M real targets
         else:  # heads with a transform before the vocabulary projection (RoBERTa, BERT)
