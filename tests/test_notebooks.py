@@ -138,3 +138,14 @@ def test_pretrained_notebook_is_in_the_toc_and_its_page_is_committed():
     assert page.is_file(), "run `make book-pretrained` and commit book/notebooks/06_*.ipynb"
     stamp = nbformat.read(str(page), as_version=4).metadata["tvae_provenance"]
     assert stamp["profile"] == "default"
+
+
+def test_smoke_executions_never_write_over_the_book_and_pretrained_sources_are_separate():
+    from tvae_core import book
+
+    assert book.output_dir_for("smoke") != book.EXECUTED_DIR
+    assert book.output_dir_for("default") == book.EXECUTED_DIR == book.output_dir_for("full")
+    assert [p.name for p in book.source_notebooks(pretrained=True)] == [PRETRAINED_NOTEBOOK.name]
+    assert PRETRAINED_NOTEBOOK.name not in [p.name for p in book.source_notebooks()]
+    with pytest.raises(ValueError, match="workers"):
+        book.execute_all("smoke", workers=0)

@@ -35,8 +35,8 @@ class NotebookFailed(RuntimeError):
 
 def source_notebooks(pretrained: bool = False) -> list[Path]:
     """The book's source notebooks; ``pretrained``: those of ``notebooks/pretrained/`` instead,
-    which need the pretrained weights (``make pretrained``) and ~19 minutes on 2 cores, so ``make book``
-    leaves their committed pages alone and ``make book-pretrained`` re-executes them."""
+    which need the pretrained weights (``make pretrained``) and ~19 minutes on 2 cores, so
+    ``make book`` leaves their committed pages alone and ``make book-pretrained`` re-executes them."""
     folder = NOTEBOOKS_DIR / "pretrained" if pretrained else NOTEBOOKS_DIR
     return sorted(folder.glob("[0-9][0-9]_*.ipynb"))
 
@@ -99,14 +99,15 @@ def output_dir_for(profile: str) -> Path:
 def execute_all(profile: str, kernel: str | None = None, only: list[str] | None = None,
                 workers: int = 1, pretrained: bool = False) -> int:
     """Execute the source notebooks into :func:`output_dir_for` ``(profile)``, ``workers`` at a
-    time (each in its own kernel, longest first by the last run's time). With several workers every kernel gets one torch
-    thread (``OMP_NUM_THREADS=1``): on 2 cores two 1-thread notebooks side by side beat one
-    2-thread notebook after the other."""
+    time (each in its own kernel, longest first by the last run's time). With several workers
+    every kernel gets one torch thread (``OMP_NUM_THREADS=1``): on 2 cores two 1-thread notebooks
+    side by side beat one 2-thread notebook after the other."""
     from concurrent.futures import ThreadPoolExecutor
 
     if workers < 1:
         raise ValueError(f"workers={workers} must be >= 1")
-    notebooks = [nb for nb in source_notebooks(pretrained) if not only or any(nb.stem.startswith(o) for o in only)]
+    notebooks = [nb for nb in source_notebooks(pretrained)
+                 if not only or any(nb.stem.startswith(o) for o in only)]
     notebooks.sort(key=_previous_seconds, reverse=True)
     output = output_dir_for(profile)
     if workers > 1:

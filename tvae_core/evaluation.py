@@ -4,15 +4,15 @@
 
 * single-sample rate / distortion / ELBO (nats per sentence, per token, perplexity bound);
 * the importance-weighted bound on log p(x) with K = ``estimators.iw_num_samples``;
-
-every decoder pass with the LM head's matmul in ``estimators.lm_head_dtype`` (bfloat16 in the
-default profile: see :mod:`tvae_core.lm_head` for its measured effect);
 * the posterior parameters of every test sentence (kept as safetensors, for histograms, MMD and
   the mixed membership model) and, from them, the aggregate-posterior index-code MI and marginal
   KL (self-term and leave-one-out estimators, each with its ceiling), total correlation and
   dimension-wise KL;
 * active units and KL per dimension;
 * an MMD two-sample test of q(z) samples against prior samples.
+
+Every decoder pass runs the LM head's vocabulary matmul in ``estimators.lm_head_dtype``
+(bfloat16 in the default profile; :mod:`tvae_core.lm_head` gives its measured effect).
 
 Results are written next to the run (``evaluation-<key>.json`` + ``posterior-<key>.safetensors``)
 atomically; a damaged or stale entry is recomputed. Re-executing the book recomputes nothing.
@@ -137,7 +137,8 @@ def evaluate_run(run: Run, profile: str | Profile, split: str = "test", seed: in
         # ~500 decoder sequences per call: ~20% faster than 2,000 (smaller working set), and sentences
         # of similar length together: another 17-20% (less padding; measured on 200 sentences)
         iw_batch = max(1, 512 // max(1, min(size.iw_num_samples, 100)))
-        iw = est.evaluate_log_likelihood(model, batches(iw_seqs, iw_batch, bucket=True), num_samples=size.iw_num_samples,
+        iw = est.evaluate_log_likelihood(model, batches(iw_seqs, iw_batch, bucket=True),
+                                         num_samples=size.iw_num_samples,
                                          chunk_size=min(size.iw_num_samples, 100), generator=generator,
                                          progress=progress)
         elbo_iw = est.evaluate_bounds(model, batches(iw_seqs), generator=generator, progress=False).elbo
