@@ -3,10 +3,11 @@
 1. A training step of the default VAE vs the same decoder trained as a plain LM (same batches):
    the ratio the performance target is stated in (<= 1.4); and the VAE step before the
    optimisations of the LM head (unfused cross-entropy, GPT-2's 8-op "gelu_new") vs after.
-2. The importance-weighted log-likelihood with K = 500: before (plain head, 8-op GELU, 2,000
-   sequences per decoder call) vs after (fused blocked head in the profile's ``lm_head_dtype``,
-   fused GELU, 500 per call, sentences bucketed by length) on the same sentences, then the whole PTB test split (3,761
-   sentences) with the current code (target: < 3 minutes).
+2. The importance-weighted log-likelihood with K = 500: before (float32, plain head, 8-op GELU,
+   2,000 sequences per decoder call) vs after (the profile's ``decoder_dtype``, fused blocked head,
+   fused GELU, 500 per call, sentences bucketed by length, ``--threads`` batches at once) on the
+   same sentences; the evaluation's levers one at a time on every 25th test sentence; then the
+   whole PTB test split (3,761 sentences) with the current code (target: < 3 minutes).
 3. Aggregate-posterior MI and marginal KL over N = 10,000 points in D = 32 (target: < 5 s).
 
 Run: ``make bench`` (or ``.venv/bin/python benchmarks/bench_core.py [--threads 2] [--skip-iw]``).
@@ -63,25 +64,62 @@ def time_training_steps(profile: str, steps: int, repeats: int) -> dict[str, flo
     return {name: sorted(values)[len(values) // 2] for name, values in times.items()}
 
 
-def time_iw(profile: str, num_samples: int, max_sentences: int | None, before: bool = False,
-            sentences_per_call: int = 5, progress: bool = True) -> tuple[float, int, float]:
-    """Seconds for IW with K = ``num_samples``; ``sentences_per_call`` x 100 samples per decoder
-    call (the evaluation's setting; "before" used 20 x 100). Returns (seconds, N, mean bound)."""
+def time_iw(profile: str, num_samples: int, sentences: slice, before: bool = False,
+            decoder_dtype: str | None = None, workers: int = 1, sentences_per_call: int = 5,
+            progress: bool = True) -> tuple[float, int, float]:
+    """Seconds for IW with K = ``num_samples`` on ``test[sentences]``; ``sentences_per_call`` x 100
+    samples per decoder call (the evaluation's setting; "before" used 20 x 100, float32).
+    ``decoder_dtype`` None: the profile's. Returns (seconds, N, mean bound)."""
     cfg = method_config("VAE", profile)
     corpus = load_corpus(cfg.data)
     torch.manual_seed(0)
     model = build_model(cfg, corpus.vocab).eval()
     if before:
         as_before(model)
-    else:  # the profile's evaluation setting (bfloat16 vocabulary matmul in the default profile)
-        model.evaluation_lm_head_dtype = getattr(torch, get_profile(profile).estimators.lm_head_dtype)
-    seqs = corpus.token_ids("test")[:max_sentences]
+    else:
+        model.evaluation_dtype = getattr(torch, decoder_dtype or get_profile(profile).estimators.decoder_dtype)
+    seqs = corpus.token_ids("test")[sentences]
     started = time.perf_counter()
     batches = iterate_batches(seqs, sentences_per_call, corpus.vocab.pad_id, bucket=not before)
     result = evaluate_log_likelihood(model, batches,
                                      num_samples=num_samples, chunk_size=100,
-                                     generator=torch.Generator().manual_seed(0), progress=progress)
+                                     generator=torch.Generator().manual_seed(0), progress=progress,
+                                     workers=workers)
     return time.perf_counter() - started, len(seqs), result.mean
+
+
+def time_head_floor(profile: str, repeats: int = 300) -> tuple[float, float, int]:
+    """The LM head's cost per target row on ONE thread, from its two kernels on a 64-row block of
+    the default head (hidden -> 10k words): the bfloat16 vocabulary matmul and the float32
+    log-softmax (with the bfloat16 -> float32 conversion). Returns (matmul s/row, log-softmax
+    s/row, K=500 target rows of the whole test split): a floor for IW, since every row needs both."""
+    import torch.nn.functional as F
+
+    cfg = method_config("VAE", profile)
+    corpus = load_corpus(cfg.data)
+    rows = 500 * sum(len(s) - 1 for s in corpus.token_ids("test"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        hidden = torch.randn(64, cfg.model.hidden_size, generator=gen).bfloat16()
+        weight = (torch.randn(corpus.vocab.size, cfg.model.hidden_size, generator=gen) * 0.1).bfloat16()
+        targets = torch.randint(0, corpus.vocab.size, (64,), generator=gen)
+        logits = F.linear(hidden, weight)
+
+        def median_seconds(fn):
+            fn()
+            times = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - started)
+            return sorted(times)[len(times) // 2]
+        matmul = median_seconds(lambda: F.linear(hidden, weight)) / 64
+        softmax = median_seconds(lambda: F.cross_entropy(logits.float(), targets, reduction="none")) / 64
+    finally:
+        torch.set_num_threads(threads)
+    return matmul, softmax, rows
 
 
 def time_aggregate(num_points: int, dim: int) -> float:
@@ -111,20 +149,37 @@ def main() -> None:
     rows.append(("train step, VAE before head/GELU changes (s)", step["VAE before"], ""))
     rows.append(("speed-up of the VAE step (before / after)", step["VAE before"] / step["VAE"], ""))
     rows.append(("aggregate MI + marginal KL, N=10k, D=32 (s)", time_aggregate(10_000, 32), "target < 5"))
+    matmul, softmax, head_rows = time_head_floor(args.profile)
+    rows.append(("LM head per target row, 1 thread: bf16 matmul (us)", matmul * 1e6, "64 x 64 x 10k"))
+    rows.append(("LM head per target row, 1 thread: log-softmax (us)", softmax * 1e6, "float32"))
+    rows.append((f"  => head alone, {head_rows / 1e6:.1f}M rows / {args.threads} threads (s)",
+                 head_rows * (matmul + softmax) / args.threads, "floor for whole-split IW"))
     if not args.skip_iw:
         n = args.compare_sentences
-        before, _, before_mean = time_iw(args.profile, 500, n, before=True, sentences_per_call=20,
+        before, _, before_mean = time_iw(args.profile, 500, slice(n), before=True, sentences_per_call=20,
                                          progress=False)
-        after, _, after_mean = time_iw(args.profile, 500, n, progress=False)
+        after, _, after_mean = time_iw(args.profile, 500, slice(n), workers=args.threads, progress=False)
         rows.append((f"IW K=500, {n} sentences, before (s)", before, ""))
         rows.append((f"IW K=500, {n} sentences, after (s)", after, ""))
         rows.append(("speed-up of IW (before / after)", before / after,
                      f"bounds {before_mean:.3f} vs {after_mean:.3f} (other sample order)"))
-        seconds, n, _ = time_iw(args.profile, 500, args.iw_sentences)
-        rows.append((f"IW log-likelihood K=500, {n} test sentences (s)", seconds, "target < 180"))
-    print(f"\n{'measurement':<52}{'value':>10}  note   (threads={args.threads}, profile={args.profile})")
+        # the evaluation's levers one at a time, on every 25th test sentence (all lengths)
+        every = slice(None, None, 25)
+        lever = {}
+        for name, dtype, workers in (("float32, 1 batch", "float32", 1),
+                                     ("bfloat16, 1 batch", "bfloat16", 1),
+                                     (f"bfloat16, {args.threads} batches at once", "bfloat16", args.threads)):
+            lever[name], m, mean = time_iw(args.profile, 500, every, decoder_dtype=dtype, workers=workers,
+                                           progress=False)
+            rows.append((f"IW K=500, {m} sentences, {name} (s)", lever[name], f"bound {mean:.3f}"))
+        names = list(lever)
+        rows.append(("  bfloat16 / float32 decoder", lever[names[0]] / lever[names[1]], "speed-up"))
+        rows.append(("  batches at once / one at a time", lever[names[1]] / lever[names[2]], "speed-up"))
+        seconds, m, _ = time_iw(args.profile, 500, slice(args.iw_sentences), workers=args.threads)
+        rows.append((f"IW log-likelihood K=500, {m} test sentences (s)", seconds, "target < 180"))
+    print(f"\n{'measurement':<56}{'value':>10}  note   (threads={args.threads}, profile={args.profile})")
     for name, value, note in rows:
-        print(f"{name:<52}{value:>10.3f}  {note}")
+        print(f"{name:<56}{value:>10.3f}  {note}")
 
 
 if __name__ == "__main__":

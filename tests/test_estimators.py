@@ -19,6 +19,7 @@ from tvae_core.estimators import (
     collect_posterior_parameters,
     evaluate_bounds,
     evaluate_log_likelihood,
+    evaluate_log_likelihood_ladder,
     iw_log_likelihood,
     iw_log_likelihood_ladder,
     kl_per_dimension,
@@ -142,6 +143,25 @@ def test_evaluate_log_likelihood_result():
     assert result.num_samples == 5 and result.num_sequences == 30 and result.num_tokens == 30
     assert result.perplexity == pytest.approx(math.exp(-float(model.log_marginal(x).sum()) / 30))
     assert result.standard_error == pytest.approx(float(model.log_marginal(x).std() / math.sqrt(30)))
+
+
+def test_evaluate_log_likelihood_on_threads_draws_the_same_samples_in_the_same_order():
+    """workers > 1: same numbers as one batch at a time (the draws stay on the calling thread, in
+    batch order), results in batch order, torch's thread count and grad mode left as they were."""
+    model = LinearGaussianLVM.mismatched(latent_dim=2, data_dim=4, encoder_var_scale=2.0,
+                                         encoder_gain=1.2, encoder_shift=0.3)
+    x = model.sample_data(37, generator(8))
+    threads = torch.get_num_threads()
+    results = [evaluate_log_likelihood_ladder(model, model.batches(x, 4), (1, 5, 20), chunk_size=3,
+                                              generator=generator(9), progress=False, workers=workers)
+               for workers in (1, 3)]
+    for one, many in zip(*results):
+        torch.testing.assert_close(many.log_likelihood, one.log_likelihood, atol=1e-12, rtol=0)
+        assert (many.num_sequences, many.num_tokens) == (one.num_sequences, one.num_tokens) == (37, 37)
+    assert float((results[0][2].log_likelihood - model.elbo(x)).mean()) > 0.1   # samples matter
+    assert torch.get_num_threads() == threads and torch.is_grad_enabled()
+    with pytest.raises(ValueError, match="workers"):
+        evaluate_log_likelihood(model, model.batches(x, 4), num_samples=2, workers=0, progress=False)
 
 
 # ------------------------------------------------------------------------------ aggregate posterior

@@ -64,14 +64,37 @@ def test_no_grad_path_and_bad_shapes():
         linear_cross_entropy(hidden, weight, None, targets, block_rows=0)
 
 
-def test_bfloat16_evaluation_is_close_and_refused_with_gradients():
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bfloat16_evaluation_is_close_and_refused_with_gradients(with_bias):
     gen = torch.Generator().manual_seed(2)
     hidden, weight = torch.randn(40, 16, generator=gen), torch.randn(300, 16, generator=gen) * 0.3
+    bias = torch.randn(300, generator=gen) if with_bias else None
     targets = torch.randint(0, 300, (40,), generator=gen)
     with torch.no_grad():
-        exact = linear_cross_entropy(hidden, weight, None, targets)
-        fast = linear_cross_entropy(hidden, weight, None, targets, compute_dtype=torch.bfloat16)
+        exact = linear_cross_entropy(hidden, weight, bias, targets)
+        fast = linear_cross_entropy(hidden, weight, bias, targets, compute_dtype=torch.bfloat16)
+        rounded_target = F.cross_entropy(F.linear(hidden.bfloat16(), weight.bfloat16(),
+                                                  bias.bfloat16() if with_bias else None).float(),
+                                         targets, reduction="none")
     assert fast.dtype == torch.float32
-    assert 0 < (fast - exact).abs().max() < 0.05      # rounded, but only just
+    assert 0 < (fast - exact).abs().max() < 0.02      # rounded, but only just
+    # the exact target logit: closer than rounding every logit (the previous computation)
+    assert (fast - exact).abs().mean() < (rounded_target - exact).abs().mean()
     with pytest.raises(ValueError, match="evaluation only"):
-        linear_cross_entropy(hidden, weight.requires_grad_(), None, targets, compute_dtype=torch.bfloat16)
+        linear_cross_entropy(hidden, weight.requires_grad_(), bias, targets, compute_dtype=torch.bfloat16)
+
+
+def test_bfloat16_evaluation_of_a_near_certain_word_is_exact_and_never_negative():
+    """When the target holds almost all the mass, -log p = log(1 + sum_{v != t} e^(l_v - l_t))
+    is ~0: the rounded logits of the other words cannot push it below zero."""
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(50, 8, generator=gen)
+    weight = torch.randn(30, 8, generator=gen) * 0.1
+    targets = torch.full((50,), 7)
+    bias = torch.zeros(30)
+    bias[7] = 40.3  # ~40 nats above every other word
+    with torch.no_grad():
+        exact = linear_cross_entropy(hidden, weight, bias, targets)
+        fast = linear_cross_entropy(hidden, weight, bias, targets, compute_dtype=torch.bfloat16)
+    assert (fast >= 0).all()
+    torch.testing.assert_close(fast, exact, rtol=0, atol=1e-12)

@@ -163,7 +163,7 @@ def test_cli_prints_where_the_run_is_stored_and_its_metrics(corpus, tmp_path):
 
 
 def test_evaluation_is_cached_rebuilt_when_damaged_and_leaves_the_model_as_it_was(corpus, tmp_path):
-    """evaluate_run: the profile's bfloat16 head only for its own passes, the cached result returned
+    """evaluate_run: the profile's bfloat16 decoder only for its own passes, the cached result returned
     unchanged, and a damaged cache entry recomputed to the same numbers."""
     import dataclasses
 
@@ -171,10 +171,10 @@ def test_evaluation_is_cached_rebuilt_when_damaged_and_leaves_the_model_as_it_wa
     from tvae_core.profiles import get_profile
 
     smoke = get_profile("smoke")
-    profile = dataclasses.replace(smoke, estimators=dataclasses.replace(smoke.estimators, lm_head_dtype="bfloat16"))
+    profile = dataclasses.replace(smoke, estimators=dataclasses.replace(smoke.estimators, decoder_dtype="bfloat16"))
     run = train_or_load(tiny_config(corpus, "fb", 2.0, max_steps=4), tmp_path, progress=False)
     first = evaluate_run(run, profile, progress=False)
-    assert run.model.evaluation_lm_head_dtype is None
+    assert run.model.evaluation_dtype is None
     assert first.iw_log_likelihood <= 0 and first.mutual_information <= first.mutual_information_ceiling + 1e-9
     assert evaluate_run(run, profile, progress=False) == first
     (json_path,) = run.path.glob("evaluation-*.json")

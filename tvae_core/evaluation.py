@@ -11,8 +11,10 @@
 * active units and KL per dimension;
 * an MMD two-sample test of q(z) samples against prior samples.
 
-Every decoder pass runs the LM head's vocabulary matmul in ``estimators.lm_head_dtype``
-(bfloat16 in the default profile; :mod:`tvae_core.lm_head` gives its measured effect).
+Every decoder pass runs its matmuls in ``estimators.decoder_dtype`` (bfloat16 in the default
+profile: the transformer under autocast, the vocabulary matmul in :mod:`tvae_core.lm_head`; target
+logits and log-softmax in float32; its measured effect is in :class:`~tvae_core.profiles.EstimatorSize`).
+The IW bound runs ``torch.get_num_threads()`` batches at once, one thread each.
 
 Results are written next to the run (``evaluation-<key>.json`` + ``posterior-<key>.safetensors``)
 atomically; a damaged or stale entry is recomputed. Re-executing the book recomputes nothing.
@@ -34,7 +36,7 @@ from .profiles import EstimatorSize, Profile, get_profile
 from .runs import Run, write_json_atomic
 
 log = logging.getLogger(__name__)
-EVALUATION_FORMAT_VERSION = 2  # 2: IW batches bucketed by length, bfloat16 head option
+EVALUATION_FORMAT_VERSION = 3  # 2: IW batches bucketed by length, bfloat16 head option; 3: bfloat16 decoder, float32 target logit
 
 
 @dataclass(frozen=True)
@@ -120,8 +122,8 @@ def evaluate_run(run: Run, profile: str | Profile, split: str = "test", seed: in
 
     started = time.time()
     model = run.model.eval()
-    previous_dtype = model.evaluation_lm_head_dtype
-    model.evaluation_lm_head_dtype = getattr(torch, size.lm_head_dtype)  # restored below
+    previous_dtype = model.evaluation_dtype
+    model.evaluation_dtype = getattr(torch, size.decoder_dtype)  # restored below
     try:
         corpus = evaluation_corpus(run)
         sequences = corpus.token_ids(split)
@@ -140,7 +142,7 @@ def evaluate_run(run: Run, profile: str | Profile, split: str = "test", seed: in
         iw = est.evaluate_log_likelihood(model, batches(iw_seqs, iw_batch, bucket=True),
                                          num_samples=size.iw_num_samples,
                                          chunk_size=min(size.iw_num_samples, 100), generator=generator,
-                                         progress=progress)
+                                         progress=progress, workers=torch.get_num_threads())
         elbo_iw = est.evaluate_bounds(model, batches(iw_seqs), generator=generator, progress=False).elbo
         params = est.collect_posterior_parameters(model, batches(sequences), progress=False)
         with_self, loo = est.self_and_leave_one_out_terms(params.loc, params.scale, generator=generator,
@@ -171,7 +173,7 @@ def evaluate_run(run: Run, profile: str | Profile, split: str = "test", seed: in
             seconds=time.time() - started,
         )
     finally:
-        model.evaluation_lm_head_dtype = previous_dtype
+        model.evaluation_dtype = previous_dtype
     tmp = tensor_path.with_name(tensor_path.name + f".tmp-{os.getpid()}")
     save_file({"loc": params.loc.contiguous(), "scale": params.scale.contiguous()}, str(tmp))
     os.replace(tmp, tensor_path)

@@ -15,11 +15,12 @@ The numbers equal the plain computation to float rounding (tested, values and gr
 ``benchmarks/bench_core.py`` measures the speed-up side by side.
 
 Evaluation only (no gradients), ``compute_dtype=torch.bfloat16`` runs the vocabulary matmul in
-bfloat16 with float32 accumulation and a float32 log-softmax: 3.9x faster per block on a CPU with
-AVX512-BF16 (measured, 64 x 64 x 10k). Measured on the default PTB models (300 test sentences,
-z = posterior mean): the per-sentence log-likelihood moves by 0.03 nats (standard deviation; at
-most 0.12) and its mean by at most 0.002 nats, against ~130 nats per sentence and standard errors
-of several nats between sentences.
+bfloat16 with float32 accumulation (3.9x faster per block on a CPU with AVX512-BF16, measured,
+64 x 64 x 10k), recomputes each target's own logit exactly in float32, and takes the log-softmax in
+float32. Measured on the default PTB models (300 test sentences, z = posterior mean, decoder under
+bfloat16 autocast as in evaluation): a sentence's log p(x|z) moves by 0.010-0.011 nats (standard
+deviation; at most 0.045) and the mean by at most 0.0005 nats, against ~130 nats per sentence.
+Rounding the target logit too, as before, gave 0.031 nats (at most 0.12).
 """
 from __future__ import annotations
 
@@ -29,18 +30,41 @@ import torch.nn.functional as F
 DEFAULT_BLOCK_ROWS = 64  # fastest of 64..512 on the default head, 1 and 2 threads (measured)
 
 
+def _low_precision_nll(hidden, weight, bias, targets, block_rows, compute_dtype, out):
+    """``out[m] = -log softmax(logits_m)[t_m]`` with the vocabulary matmul in ``compute_dtype``
+    and the target's own logit recomputed exactly (a float32 dot product) before the float32
+    log-softmax: ``out[m] = log(1 + sum_{v != t} exp(l_v - l_t)) >= 0``.
+
+    The target logit enters log p(x|z) one-for-one, so its rounding would too (~0.03 nats per
+    sentence on the default models); the other logits enter only through the normaliser, where
+    their rounding errors are softmax-weighted and mostly cancel (0.011-0.014 nats, measured).
+    """
+    with torch.autocast(hidden.device.type, enabled=False):
+        w = weight.to(compute_dtype)
+        b = bias.to(compute_dtype) if bias is not None else None
+        target_logit = torch.einsum("mh,mh->m", hidden.float(), weight[targets].float())  # [M]
+        if bias is not None:
+            target_logit += bias[targets].float()
+        for start in range(0, hidden.shape[0], block_rows):
+            rows = slice(start, start + block_rows)
+            t = targets[rows]
+            logits = F.linear(hidden[rows].to(compute_dtype), w, b).float()  # [m, V]
+            logits.scatter_(1, t[:, None], target_logit[rows, None])
+            out[rows] = F.cross_entropy(logits, t, reduction="none")
+    return out
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, block_rows: int, compute_dtype=None):
         nll = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        w, b = weight, bias
         if compute_dtype is not None:
-            w = weight.to(compute_dtype)
-            b = bias.to(compute_dtype) if bias is not None else None
-        for start in range(0, hidden.shape[0], block_rows):
-            rows = slice(start, start + block_rows)
-            logits = F.linear(hidden[rows].to(w.dtype), w, b).float()
-            nll[rows] = F.cross_entropy(logits, targets[rows], reduction="none")
+            _low_precision_nll(hidden, weight, bias, targets, block_rows, compute_dtype, out=nll)
+        else:
+            for start in range(0, hidden.shape[0], block_rows):
+                rows = slice(start, start + block_rows)
+                logits = F.linear(hidden[rows], weight, bias).float()
+                nll[rows] = F.cross_entropy(logits, targets[rows], reduction="none")
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.block_rows = block_rows
         return nll

@@ -95,9 +95,11 @@ class TransformerVAE(nn.Module):
 
     fuse_lm_head: bool = True
     fuse_lm_head_in_evaluation: bool = True
-    # dtype of the vocabulary matmul in gradient-free evaluation (None: the weights' own); set by
-    # tvae_core.evaluation from the profile's EstimatorSize.lm_head_dtype
-    evaluation_lm_head_dtype: torch.dtype | None = None
+    # gradient-free evaluation only (None: float32 throughout): the dtype of the decoder's matmuls,
+    # the transformer's under autocast and the vocabulary matmul's (tvae_core.lm_head); the
+    # target logits and every log-softmax stay float32. Set by tvae_core.evaluation from the
+    # profile's EstimatorSize.decoder_dtype.
+    evaluation_dtype: torch.dtype | None = None
 
     def __init__(self, config: ModelConfig, encoder: nn.Module | None, decoder: nn.Module, *,
                  pad_id: int, bos_id: int, eos_id: int, unk_id: int):
@@ -231,14 +233,16 @@ class TransformerVAE(nn.Module):
         targets = ids[:, 1:].repeat(num_samples, 1)
         target_mask = mask[:, 1:].repeat(num_samples, 1).bool()
         latent = z.reshape(num_samples * batch_size, -1) if self.uses_latent else None  # [S*B, D]
-        hidden = self.decoder_hidden_states(inputs, mask[:, :-1].repeat(num_samples, 1), latent)  # [S*B, T-1, H]
-        head = _lm_head(self.decoder)
         training = torch.is_grad_enabled()
+        low_precision = None if training else self.evaluation_dtype
+        with torch.autocast(ids.device.type, dtype=low_precision or torch.bfloat16,
+                            enabled=low_precision is not None):
+            hidden = self.decoder_hidden_states(inputs, mask[:, :-1].repeat(num_samples, 1), latent)  # [S*B, T-1, H]
+        head = _lm_head(self.decoder)
         fused = self.fuse_lm_head if training else self.fuse_lm_head_in_evaluation
         if isinstance(head, nn.Linear) and fused:
-            dtype = None if training else self.evaluation_lm_head_dtype
             token_nll = linear_cross_entropy(hidden[target_mask], head.weight, head.bias,
-                                             targets[target_mask], compute_dtype=dtype)  # [M], M real targets
+                                             targets[target_mask], compute_dtype=low_precision)  # [M], M real targets
         else:  # heads with a transform before the vocabulary projection (RoBERTa, BERT)
             logits = head(hidden[target_mask])  # [M, V]
             token_nll = F.cross_entropy(logits.float(), targets[target_mask], reduction="none")
