@@ -45,6 +45,26 @@ def test_log_likelihood_shape_and_matches_full_logits(injection):
     assert torch.allclose(ll[1], reference, atol=1e-4)
 
 
+def test_bfloat16_evaluation_stays_close_and_applies_only_without_gradients():
+    """evaluation_dtype: float32 is the plain computation (no autocast warning); bfloat16 moves
+    log p(x|z) a little without gradients and nothing while training (gradients on)."""
+    import warnings
+
+    model = make_model("both")
+    batch = collate([[2, 5, 6, 7, 3], [2, 8, 9, 10, 11, 12, 3]], 0)
+    z = torch.randn(3, 2, 4)
+    with torch.no_grad():
+        exact = model.log_likelihood(batch, z)
+        model.evaluation_dtype = torch.float32
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert torch.equal(model.log_likelihood(batch, z), exact)
+        model.evaluation_dtype = torch.bfloat16
+        low = model.log_likelihood(batch, z)
+    assert 0 < (low - exact).abs().max() < 0.1
+    assert torch.equal(model.log_likelihood(batch, z).detach(), exact)  # grad enabled: float32
+
+
 @pytest.mark.parametrize("injection", ["memory", "embedding", "both"])
 def test_generation_keeps_the_latent_at_every_step(injection):
     """Incremental decoding with the KV cache must give the same logits as teacher forcing on the
