@@ -121,14 +121,18 @@ def test_generation_longer_than_the_decoder_positions_fails_early():
 
 
 def test_latent_projections_use_the_decoders_initialisation():
-    """N(0, 0.02^2) weights and zero biases (PyTorch's default made z -> embedding ~30x larger than
-    a token embedding); with zero biases, z = 0 leaves the embedding-injected decoder the plain LM."""
+    """Zero biases; memory weights N(0, 0.02^2); embedding weights N(0, 0.02^2 / D), so that
+    z ~ N(0, I) adds a vector of a token embedding's scale (PyTorch's default made it ~30x larger);
+    with zero biases, z = 0 leaves the embedding-injected decoder the plain LM."""
     torch.manual_seed(0)
     cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, latent_dim=16, injection="both", dropout=0.0)
     model = TransformerVAE.from_scratch(cfg, 40, pad_id=0, unk_id=1, bos_id=2, eos_id=3, max_length=24).eval()
-    for layer in (model.latent_to_memory, model.latent_to_embedding):
+    for layer, std in ((model.latent_to_memory, 0.02), (model.latent_to_embedding, 0.02 / 4)):
         assert torch.all(layer.bias == 0)
-        assert layer.weight.std().item() == pytest.approx(0.02, rel=0.2)
+        assert layer.weight.std().item() == pytest.approx(std, rel=0.2)
+    token_scale = model.decoder.get_input_embeddings().weight.std().item()
+    injected = model.latent_to_embedding(torch.randn(4000, 16)).std().item()
+    assert injected == pytest.approx(token_scale, rel=0.2)
     embedding_only = TransformerVAE(cfg.__class__(**{**cfg.__dict__, "injection": "embedding"}), model.encoder,
                                     model.decoder, pad_id=0, bos_id=2, eos_id=3, unk_id=1).eval()
     batch = collate([[2, 5, 6, 7, 3]], 0)

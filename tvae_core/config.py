@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Bump when a change makes old cached runs incompatible (format, or what a config trains).
-CACHE_FORMAT_VERSION = 2
+CACHE_FORMAT_VERSION = 3  # 3: z -> embedding initialised at a token embedding's scale
 
 DATA_SOURCES = ("ptb", "text", "hf")
 TOKENIZERS = ("word", "pretrained")
