@@ -242,7 +242,9 @@ class TransformerVAE(nn.Module):
         target_mask = mask[:, 1:].repeat(num_samples, 1).bool()
         latent = z.reshape(num_samples * batch_size, -1) if self.uses_latent else None  # [S*B, D]
         training = torch.is_grad_enabled()
-        low_precision = None if training or self.evaluation_dtype in (None, torch.float32) else self.evaluation_dtype
+        low_precision = self.evaluation_dtype
+        if training or low_precision == torch.float32:
+            low_precision = None
         with torch.autocast(ids.device.type, dtype=low_precision or torch.bfloat16,
                             enabled=low_precision is not None):
             hidden = self.decoder_hidden_states(inputs, mask[:, :-1].repeat(num_samples, 1), latent)  # [S*B, T-1, H]

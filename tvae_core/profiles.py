@@ -118,8 +118,9 @@ PROFILES: dict[str, Profile] = {
                               max_train_sentences=None, max_eval_sentences=1000,
                               max_test_sentences=None),
         model=ModelSize(hidden_size=64, num_layers=2, num_heads=2),
-        # IW with K = 500 on the first 100 test sentences per run: ~1 min per run on 2 busy cores
-        # (the whole split is timed by `make bench`); everything else uses the whole test split
+        # IW with K = 500 on the first 100 test sentences per run (a run's whole evaluation: 21-24 s
+        # on one busy thread; the whole split is timed by `make bench`); everything else uses the
+        # whole test split
         estimators=EstimatorSize(iw_num_samples=500, iw_max_sentences=100,
                                  mmd_num_samples=1000, mmd_permutations=500, decoder_dtype="bfloat16"),
         exact_vae=ExactVAESize(num_points_ladder=(64, 256, 1024, 4096, 16384),
