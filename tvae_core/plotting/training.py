@@ -332,7 +332,9 @@ def plot_kl_per_dimension(kl: Mapping[str, Sequence[float]], ax=None, sort: bool
         ax.bar(x, values, width=width, color=styles[label]["color"], label=name)
     if logy:
         ax.set_yscale("symlog", linthresh=1e-2)
-    return finish_axes(ax, "latent dimension (sorted by KL)" if sort else "latent dimension $d$", r"$\mathbb{E}_x\,\mathrm{KL}(q(z_d|x)\,\|\,p(z_d))$ (nats)", title, legend)
+    xlabel = "latent dimension (sorted by KL)" if sort else "latent dimension $d$"
+    ylabel = r"$\mathbb{E}_x\,\mathrm{KL}(q(z_d|x)\,\|\,p(z_d))$ (nats)"
+    return finish_axes(ax, xlabel, ylabel, title, legend)
 
 
 # ------------------------------------------------------------------------------ per-run numbers
