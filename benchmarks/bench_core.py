@@ -1,11 +1,13 @@
 """Core timings on this machine, measured side by side in one process.
 
 1. A training step of the default VAE vs the same decoder trained as a plain LM (same batches):
-   the ratio the performance target is stated in (<= 1.4); and the VAE step before the
-   optimisations of the LM head (unfused cross-entropy, GPT-2's 8-op "gelu_new") vs after.
+   the ratio the performance target is stated in (<= 1.4); the same two with a float32 LM head
+   (the profile's ``training.lm_head_dtype`` is bfloat16 on the default); and the VAE step before
+   the optimisations (unfused float32 cross-entropy, GPT-2's 8-op "gelu_new", AdamW's
+   per-parameter loop) vs after.
 2. The importance-weighted log-likelihood with K = 500: before (float32, plain head, 8-op GELU,
    2,000 sequences per decoder call) vs after (the profile's ``decoder_dtype``, fused blocked head,
-   fused GELU, 500 per call, sentences bucketed by length, ``--threads`` batches at once) on the
+   exact (erf) GELU, 500 per call, sentences bucketed by length, ``--threads`` batches at once) on the
    same sentences; the evaluation's levers one at a time on every 25th test sentence; then the
    whole PTB test split (3,761 sentences) with the current code (target: < 3 minutes).
 3. Aggregate-posterior MI and marginal KL over N = 10,000 points in D = 32 (target: < 5 s).
@@ -25,7 +27,7 @@ from tvae_core.estimators import evaluate_log_likelihood, self_and_leave_one_out
 from tvae_core.experiments import method_config
 from tvae_core.objectives import compute_loss
 from tvae_core.profiles import get_profile
-from tvae_core.train import build_model
+from tvae_core.train import build_model, make_optimizer
 
 
 def as_before(model):
@@ -33,6 +35,7 @@ def as_before(model):
     from transformers.activations import ACT2FN
 
     model.fuse_lm_head = model.fuse_lm_head_in_evaluation = False
+    model.training_lm_head_dtype = None
     for block in model.decoder.transformer.h:
         block.mlp.act = ACT2FN["gelu_new"]
     return model
@@ -45,12 +48,18 @@ def time_training_steps(profile: str, steps: int, repeats: int) -> dict[str, flo
     batches = list(iterate_batches(corpus.token_ids("train")[: vae_cfg.train.batch_size * steps],
                                    vae_cfg.train.batch_size, corpus.vocab.pad_id, shuffle=True))
     models = {}
-    for name, cfg, before in (("VAE", vae_cfg, False), ("LM", lm_cfg, False), ("VAE before", vae_cfg, True)):
+    for name, cfg, variant in (("VAE", vae_cfg, "profile"), ("LM", lm_cfg, "profile"),
+                               ("VAE float32 head", vae_cfg, "float32"), ("LM float32 head", lm_cfg, "float32"),
+                               ("VAE before", vae_cfg, "before")):
         torch.manual_seed(0)
         model = build_model(cfg, corpus.vocab).train()
-        if before:
-            as_before(model)
-        models[name] = (cfg, model, torch.optim.AdamW(model.parameters(), 1e-3))
+        if variant == "before":  # also the per-parameter AdamW loop
+            optimizer = torch.optim.AdamW(as_before(model).parameters(), cfg.train.learning_rate)
+        else:
+            if variant == "float32":
+                model.training_lm_head_dtype = None
+            optimizer = make_optimizer(model, cfg.train)
+        models[name] = (cfg, model, optimizer)
     times = {name: [] for name in models}
     for _ in range(repeats):
         for name, (cfg, model, opt) in models.items():
@@ -146,6 +155,10 @@ def main() -> None:
     rows.append(("train step, VAE (s)", step["VAE"], ""))
     rows.append(("train step, LM, same decoder (s)", step["LM"], ""))
     rows.append(("ratio VAE / LM", step["VAE"] / step["LM"], "target <= 1.4"))
+    head_dtype = get_profile(args.profile).training.lm_head_dtype
+    rows.append(("train step, VAE, float32 LM head (s)", step["VAE float32 head"], f"profile: {head_dtype}"))
+    rows.append(("train step, LM, float32 LM head (s)", step["LM float32 head"], ""))
+    rows.append(("ratio VAE / LM, float32 LM head", step["VAE float32 head"] / step["LM float32 head"], ""))
     rows.append(("train step, VAE before head/GELU changes (s)", step["VAE before"], ""))
     rows.append(("speed-up of the VAE step (before / after)", step["VAE before"] / step["VAE"], ""))
     rows.append(("aggregate MI + marginal KL, N=10k, D=32 (s)", time_aggregate(10_000, 32), "target < 5"))

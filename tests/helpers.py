@@ -18,13 +18,14 @@ def write_corpus(path: Path, num_sentences: int = 120, seed: int = 0) -> Path:
 
 
 def tiny_config(corpus: Path, objective: str = "vae", target_rate: float | None = None, max_steps: int = 8,
-                injection: str = "both", checkpoint_every: int = 4, seed: int = 0, **objective_kw) -> RunConfig:
+                injection: str = "both", checkpoint_every: int = 4, seed: int = 0,
+                lm_head_dtype: str = "float32", **objective_kw) -> RunConfig:
     return RunConfig(
         data=DataConfig(source="text", path=str(corpus), vocab_size=50, max_length=16),
         model=ModelConfig(hidden_size=16, num_layers=1, num_heads=2, latent_dim=4, injection=injection,
                           dropout=0.1),
         objective=ObjectiveConfig(name=objective, target_rate=target_rate, **objective_kw),
         train=TrainConfig(max_steps=max_steps, batch_size=8, eval_every=4, checkpoint_every=checkpoint_every,
-                          lr_warmup_steps=2, seed=seed),
+                          lr_warmup_steps=2, seed=seed, lm_head_dtype=lm_head_dtype),
         label=f"tiny-{objective}",
     )

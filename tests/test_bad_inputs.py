@@ -52,6 +52,8 @@ CASES = [
     ("unknown data source", lambda t: DataConfig(source="wikipedia"), ValueError, r"data\.source.*ptb"),
     ("non-positive learning rate", lambda t: TrainConfig(learning_rate=0.0), ValueError, "learning_rate"),
     ("batch size 0", lambda t: TrainConfig(batch_size=0), ValueError, "batch_size"),
+    ("unknown LM-head dtype", lambda t: TrainConfig(lm_head_dtype="float16"), ValueError,
+     r"train\.lm_head_dtype.*'bfloat16'"),
     ("unknown method", lambda t: method_config("VAE++", "smoke"), ValueError, r"method.*'MDR'"),
     ("targeted method without rate", lambda t: method_config("FB", "smoke"), ValueError, "target_rate"),
     ("papermill parameter of the wrong type",

@@ -62,10 +62,12 @@ def test_no_grad_path_and_bad_shapes():
         linear_cross_entropy(hidden, weight, None, targets[:3])
     with pytest.raises(ValueError, match="block_rows"):
         linear_cross_entropy(hidden, weight, None, targets, block_rows=0)
+    with pytest.raises(ValueError, match="compute_dtype=torch.int8 .*accepted values"):
+        linear_cross_entropy(hidden, weight, None, targets, compute_dtype=torch.int8)
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_bfloat16_evaluation_is_close_and_refused_with_gradients(with_bias):
+def test_bfloat16_evaluation_is_close(with_bias):
     gen = torch.Generator().manual_seed(2)
     hidden, weight = torch.randn(40, 16, generator=gen), torch.randn(300, 16, generator=gen) * 0.3
     bias = torch.randn(300, generator=gen) if with_bias else None
@@ -80,8 +82,37 @@ def test_bfloat16_evaluation_is_close_and_refused_with_gradients(with_bias):
     assert 0 < (fast - exact).abs().max() < 0.02      # rounded, but only just
     # the exact target logit: closer than rounding every logit (the previous computation)
     assert (fast - exact).abs().mean() < (rounded_target - exact).abs().mean()
-    with pytest.raises(ValueError, match="evaluation only"):
-        linear_cross_entropy(hidden, weight.requires_grad_(), bias, targets, compute_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bfloat16_training_matches_its_evaluation_values_and_float32_gradients(with_bias):
+    """Mixed precision in training: the same values as the gradient-free bfloat16 computation, and
+    gradients within bfloat16 rounding of the float32 ones (tied weights: both uses summed)."""
+    gen = torch.Generator().manual_seed(4)
+    m, h, v = 150, 16, 300  # three blocks of 64 rows, the last one partial
+    weight0 = torch.randn(v, h, generator=gen) * 0.3
+    bias0 = torch.randn(v, generator=gen) if with_bias else None
+    ids = torch.randint(0, v, (m,), generator=gen)
+    targets = torch.randint(0, v, (m,), generator=gen)
+    upstream = torch.rand(m, generator=gen)
+    results = {}
+    for dtype in (None, torch.bfloat16):
+        weight = weight0.clone().requires_grad_()
+        bias = bias0.clone().requires_grad_() if with_bias else None
+        hidden = torch.tanh(F.embedding(ids, weight) * 3)
+        nll = linear_cross_entropy(hidden, weight, bias, targets, compute_dtype=dtype)
+        (nll * upstream).sum().backward()
+        results[dtype] = (nll.detach(), weight.grad, bias.grad if with_bias else None)
+        with torch.no_grad():
+            evaluation = linear_cross_entropy(hidden, weight, bias, targets, compute_dtype=dtype)
+        torch.testing.assert_close(nll.detach(), evaluation, rtol=0, atol=0)
+    (nll32, grad_w32, grad_b32), (nll16, grad_w16, grad_b16) = results[None], results[torch.bfloat16]
+    assert nll16.dtype == torch.float32 and grad_w16.dtype == torch.float32
+    assert 0 < (nll16 - nll32).abs().max() < 0.02
+    relative = (grad_w16 - grad_w32).norm() / grad_w32.norm()
+    assert 0 < relative < 0.01, relative  # bfloat16 keeps 8 bits: ~0.4% per rounding
+    if with_bias:
+        assert (grad_b16 - grad_b32).norm() / grad_b32.norm() < 0.01
 
 
 def test_bfloat16_evaluation_of_a_near_certain_word_is_exact_and_never_negative():

@@ -270,6 +270,18 @@ def test_word_tokenizer_with_pretrained_decoder_is_rejected(corpus_file, checkpo
         build_pretrained_model(config, None)
 
 
+def test_bfloat16_lm_head_training_is_refused_for_an_unfused_pretrained_head(corpus_file, checkpoints):
+    from tvae_core.train import build_model
+
+    config = tiny_pretrained_config(corpus_file, "scratch", checkpoints["llama"]).replace(
+        train={"lm_head_dtype": "bfloat16"})
+    from transformers import AutoTokenizer
+
+    vocab = PretrainedVocabulary.from_tokenizer(AutoTokenizer.from_pretrained(checkpoints["llama"]))
+    with pytest.raises(ValueError, match="train.lm_head_dtype='bfloat16'.*accepted value here: 'float32'"):
+        build_model(config, vocab)
+
+
 def test_unknown_packaged_name_and_missing_folder_fail_clearly(tmp_path):
     with pytest.raises(ValueError, match="accepted values"):
         resolve_pretrained("pypi:not-a-package")

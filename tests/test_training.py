@@ -55,8 +55,9 @@ def test_train_then_load_from_cache(corpus, tmp_path, objective, target):
     assert again.metrics == run.metrics
 
 
-def test_same_config_and_seed_give_bit_identical_metrics_across_processes(corpus, tmp_path):
-    cfg = tiny_config(corpus, "mdr", 2.0, max_steps=6)
+@pytest.mark.parametrize("lm_head_dtype", ["float32", "bfloat16"])
+def test_same_config_and_seed_give_bit_identical_metrics_across_processes(corpus, tmp_path, lm_head_dtype):
+    cfg = tiny_config(corpus, "mdr", 2.0, max_steps=6, lm_head_dtype=lm_head_dtype)
     for name in ("a", "b"):
         result = _run_cli(cfg, tmp_path / name)
         assert result.returncode == 0, result.stderr[-2000:]
@@ -67,8 +68,9 @@ def test_same_config_and_seed_give_bit_identical_metrics_across_processes(corpus
     assert other_seed.key != cfg.key
 
 
-def test_killed_run_resumes_and_matches_uninterrupted(corpus, tmp_path):
-    cfg = tiny_config(corpus, "mdr", 2.0, max_steps=60, checkpoint_every=10)
+@pytest.mark.parametrize("lm_head_dtype", ["float32", "bfloat16"])
+def test_killed_run_resumes_and_matches_uninterrupted(corpus, tmp_path, lm_head_dtype):
+    cfg = tiny_config(corpus, "mdr", 2.0, max_steps=60, checkpoint_every=10, lm_head_dtype=lm_head_dtype)
     reference = _run_cli(cfg, tmp_path / "reference")
     assert reference.returncode == 0, reference.stderr[-2000:]
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Bump when a change makes old cached runs incompatible (format, or what a config trains).
-CACHE_FORMAT_VERSION = 3  # 3: z -> embedding initialised at a token embedding's scale
+CACHE_FORMAT_VERSION = 4  # 4: the scratch decoder's exact (erf) GELU; 3: z -> embedding init at a token embedding's scale
 
 DATA_SOURCES = ("ptb", "text", "hf")
 TOKENIZERS = ("word", "pretrained")
@@ -153,6 +153,7 @@ class TrainConfig:
     seed: int = 0
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"     # no | fp16 | bf16 (Accelerate; GPU only)
+    lm_head_dtype: str = "float32"  # float32 | bfloat16: the blocked LM head's matmuls (tvae_core.lm_head)
 
     def __post_init__(self):
         _check_positive_int("train.max_steps", self.max_steps)
@@ -163,6 +164,7 @@ class TrainConfig:
         _check_positive_int("train.seed", self.seed, 0)
         _check_positive_int("train.gradient_accumulation_steps", self.gradient_accumulation_steps)
         _check_choice("train.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
+        _check_choice("train.lm_head_dtype", self.lm_head_dtype, ("float32", "bfloat16"))
         for name in ("learning_rate", "grad_clip"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):

@@ -70,9 +70,10 @@ def build_scratch_decoder(config: ModelConfig, vocab_size: int, pad_id: int, bos
                              n_head=config.num_heads, n_positions=max_length, resid_pdrop=config.dropout,
                              embd_pdrop=config.dropout, attn_pdrop=config.dropout, bos_token_id=bos_id,
                              eos_token_id=eos_id, pad_token_id=pad_id,
-                             # GPT-2's tanh GELU as one fused kernel; "gelu_new" (the default) runs
-                             # it as 8 elementwise ops, ~25% of an IW evaluation (profiled)
-                             activation_function="gelu_pytorch_tanh")
+                             # the exact (erf) GELU of BERT/RoBERTa, the thesis's models; GPT-2's
+                             # tanh form costs 4.4x more per element in bfloat16 on CPU (its tanh
+                             # kernel), and its 8-op "gelu_new" default ~25% of an IW evaluation
+                             activation_function="gelu")
     return GPT2LMHeadModel(gpt2_config)
 
 
@@ -100,6 +101,10 @@ class TransformerVAE(nn.Module):
     # target logits and every log-softmax stay float32. Set by tvae_core.evaluation from the
     # profile's EstimatorSize.decoder_dtype.
     evaluation_dtype: torch.dtype | None = None
+    # training only (None: float32): the dtype of the blocked LM head's matmuls; the logits'
+    # log-softmax, the target logits and the weight-gradient sums stay float32. Set by
+    # tvae_core.train.build_model from TrainConfig.lm_head_dtype (part of the run's key).
+    training_lm_head_dtype: torch.dtype | None = None
 
     def __init__(self, config: ModelConfig, encoder: nn.Module | None, decoder: nn.Module, *,
                  pad_id: int, bos_id: int, eos_id: int, unk_id: int):
@@ -245,20 +250,26 @@ class TransformerVAE(nn.Module):
         low_precision = self.evaluation_dtype
         if training or low_precision == torch.float32:
             low_precision = None
+        head_dtype = self.training_lm_head_dtype if training else low_precision
         with torch.autocast(ids.device.type, dtype=low_precision or torch.bfloat16,
                             enabled=low_precision is not None):
             hidden = self.decoder_hidden_states(inputs, mask[:, :-1].repeat(num_samples, 1), latent)  # [S*B, T-1, H]
         head = _lm_head(self.decoder)
         fused = self.fuse_lm_head if training else self.fuse_lm_head_in_evaluation
-        if isinstance(head, nn.Linear) and fused:
+        if isinstance(head, nn.Linear) and fused:  # see trains_blocked_lm_head
             token_nll = linear_cross_entropy(hidden[target_mask], head.weight, head.bias,
-                                             targets[target_mask], compute_dtype=low_precision)  # [M], M real targets
+                                             targets[target_mask], compute_dtype=head_dtype)  # [M], M real targets
         else:  # heads with a transform before the vocabulary projection (RoBERTa, BERT)
             logits = head(hidden[target_mask])  # [M, V]
             token_nll = F.cross_entropy(logits.float(), targets[target_mask], reduction="none")
         rows = torch.arange(targets.shape[0], device=ids.device).unsqueeze(1).expand_as(targets)[target_mask]
         nll = torch.zeros(targets.shape[0], dtype=token_nll.dtype, device=ids.device).index_add(0, rows, token_nll)
         return -nll.view(num_samples, batch_size)
+
+    @property
+    def trains_blocked_lm_head(self) -> bool:
+        """Whether training computes the LM head with :func:`tvae_core.lm_head.linear_cross_entropy`."""
+        return self.fuse_lm_head and isinstance(_lm_head(self.decoder), nn.Linear)
 
     def num_predicted_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return batch["attention_mask"].sum(-1) - 1  # [BOS] is read, never predicted
