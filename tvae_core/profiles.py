@@ -120,7 +120,7 @@ PROFILES: dict[str, Profile] = {
                               max_train_sentences=None, max_eval_sentences=1000,
                               max_test_sentences=None, lm_head_dtype="bfloat16"),
         model=ModelSize(hidden_size=64, num_layers=2, num_heads=2),
-        # IW with K = 500 on the first 100 test sentences per run (a run's whole evaluation: 21-24 s
+        # IW with K = 500 on the first 100 test sentences per run (a run's whole evaluation: 20-24 s
         # on one busy thread; the whole split is timed by `make bench`); everything else uses the
         # whole test split
         estimators=EstimatorSize(iw_num_samples=500, iw_max_sentences=100,
