@@ -79,6 +79,23 @@ def test_evaluate_bounds_recovers_exact_rate_distortion_elbo():
     assert result.elbo == pytest.approx(-(result.rate + result.distortion))
     assert result.elbo_per_token == pytest.approx(result.elbo)      # one "token" per example
     assert result.perplexity == pytest.approx(math.exp(-result.elbo_per_token))
+    assert result.posterior is None
+
+
+def test_evaluate_bounds_keeps_the_posterior_of_its_own_encoder_pass():
+    """keep_posterior returns what collect_posterior_parameters would, without encoding again,
+    and leaves the bounds (and the generator's stream) as they were."""
+    model = LinearGaussianLVM.mismatched(latent_dim=3, data_dim=6)
+    x = model.sample_data(1000, generator(2))
+    plain = evaluate_bounds(model, model.batches(x, 300), generator=generator(3), progress=False)
+    counting = _CountingModel(model)
+    kept = evaluate_bounds(counting, model.batches(x, 300), generator=generator(3), progress=False,
+                           keep_posterior=True)
+    assert counting.encode_calls == 4  # one per batch
+    assert (kept.rate, kept.distortion, kept.elbo) == (plain.rate, plain.distortion, plain.elbo)
+    collected = collect_posterior_parameters(model, model.batches(x, 300), progress=False)
+    assert torch.equal(kept.posterior.loc, collected.loc) and torch.equal(kept.posterior.scale, collected.scale)
+    assert kept.posterior.loc.dtype == torch.float64 and kept.posterior.loc.shape == (1000, 3)
 
 
 class _CountingModel:

@@ -134,7 +134,8 @@ def evaluate_run(run: Run, profile: str | Profile, split: str = "test", seed: in
         def batches(seqs, batch_size=128, bucket=False):
             return iterate_batches(seqs, batch_size, pad, shuffle=False, bucket=bucket)
 
-        bounds = est.evaluate_bounds(model, batches(sequences), generator=generator, progress=progress)
+        bounds = est.evaluate_bounds(model, batches(sequences), generator=generator, progress=progress,
+                                     keep_posterior=True)
         iw_seqs = sequences[: size.iw_max_sentences] if size.iw_max_sentences else sequences
         # ~500 decoder sequences per call: ~20% faster than 2,000 (smaller working set), and sentences
         # of similar length together: another 17-20% (less padding; measured on 200 sentences)
@@ -144,7 +145,7 @@ def evaluate_run(run: Run, profile: str | Profile, split: str = "test", seed: in
                                          chunk_size=min(size.iw_num_samples, 100), generator=generator,
                                          progress=progress, workers=torch.get_num_threads())
         elbo_iw = est.evaluate_bounds(model, batches(iw_seqs), generator=generator, progress=False).elbo
-        params = est.collect_posterior_parameters(model, batches(sequences), progress=False)
+        params = bounds.posterior  # q(z|x) of the whole split, from the bounds' encoder pass
         with_self, loo = est.self_and_leave_one_out_terms(params.loc, params.scale, generator=generator,
                                                           decompose=True)
         units = est.active_units(params.loc)

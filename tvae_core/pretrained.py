@@ -646,7 +646,8 @@ def evaluate_pretrained(model, corpus: PretrainedCorpus, size: PretrainedStudySi
                 return
             yield {k: v[: limit - i * batch_size] if limit is not None else v for k, v in batch.items()}
 
-    bounds = est.evaluate_bounds(model, batches(size.eval_batch_size), generator=generator, progress=progress)
+    bounds = est.evaluate_bounds(model, batches(size.eval_batch_size), generator=generator, progress=progress,
+                                 keep_posterior=True)
     # without a latent every importance weight is p(x): K = 1 is already exact
     k = size.iw_num_samples if model.uses_latent else 1
     iw_batch = max(1, 4 * size.eval_batch_size // k)
@@ -654,7 +655,7 @@ def evaluate_pretrained(model, corpus: PretrainedCorpus, size: PretrainedStudySi
                                      generator=generator, progress=progress)
     elbo_iw = est.evaluate_bounds(model, batches(size.eval_batch_size, iw_num), generator=generator,
                                   progress=False).elbo
-    params = est.collect_posterior_parameters(model, batches(size.eval_batch_size), progress=False)
+    params = bounds.posterior  # from the bounds' encoder pass
     with_self, _ = est.self_and_leave_one_out_terms(params.loc, params.scale, generator=generator)
     return PretrainedEvaluation(
         label=label, num_sentences=bounds.num_sequences, num_tokens=bounds.num_tokens, rate=bounds.rate,

@@ -37,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 from ._checks import check_finite, check_int_at_least, check_loc_scale, check_positive_float
-from .bounds import LOG_2PI, _iterate, _to_device, standard_normal
+from .bounds import LOG_2PI, PosteriorParameters, _iterate, _to_device, standard_normal
 
 CHUNK_ELEMENTS = 2 ** 24   # float64 entries per chunk (128 MB): bounds memory whatever N is
 
@@ -79,13 +79,6 @@ class AggregatePosteriorTerms:
     num_samples: int                             # z samples per point (M = num_samples * N)
     leave_one_out: bool
     estimator: str                               # a label for tables and plots
-
-
-@dataclass(frozen=True)
-class PosteriorParameters:
-    """loc and scale of q(z|x_n) for N sequences, float64 on the CPU: ``[N, D]`` each."""
-    loc: torch.Tensor
-    scale: torch.Tensor
 
 
 # ------------------------------------------------------------------------------ kernels

@@ -95,9 +95,12 @@ def distortion(model, batch: Mapping[str, torch.Tensor], num_samples: int = 1,
 
 
 def bound_terms(model, batch: Mapping[str, torch.Tensor], num_samples: int = 1,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence ``(rate [B], distortion [B])`` with one encoder pass; ELBO = -(rate + distortion)."""
-    posterior = model.encode(batch)
+                generator: torch.Generator | None = None,
+                posterior: Normal | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence ``(rate [B], distortion [B])`` with one encoder pass (none when ``posterior``
+    is given); ELBO = -(rate + distortion)."""
+    if posterior is None:
+        posterior = model.encode(batch)
     return analytic_kl(posterior), distortion(model, batch, num_samples, generator, posterior)
 
 
@@ -128,6 +131,13 @@ def _to_device(batch: Mapping[str, torch.Tensor], device) -> dict[str, torch.Ten
 
 
 @dataclass(frozen=True)
+class PosteriorParameters:
+    """loc and scale of q(z|x_n) for N sequences, float64 on the CPU: ``[N, D]`` each."""
+    loc: torch.Tensor
+    scale: torch.Tensor
+
+
+@dataclass(frozen=True)
 class BoundTerms:
     """Rate, distortion and ELBO of a model on a corpus.
 
@@ -148,21 +158,31 @@ class BoundTerms:
     num_sequences: int
     num_tokens: int
     num_samples: int          # z samples per sequence for the distortion
+    # q(z|x) of every sequence in batch order, with keep_posterior=True (the encoder pass this
+    # evaluation already made; collect_posterior_parameters would encode the corpus again)
+    posterior: PosteriorParameters | None = None
 
 
 @torch.no_grad()
 def evaluate_bounds(model, batches: Iterable[Mapping[str, torch.Tensor]], num_samples: int = 1,
                     generator: torch.Generator | None = None, progress: bool = True,
-                    device=None) -> BoundTerms:
+                    device=None, keep_posterior: bool = False) -> BoundTerms:
     """Rate (analytic), distortion (``num_samples`` draws) and ELBO over every batch.
 
-    Cost: one encoder pass and ``num_samples`` decoder passes per batch.
+    Cost: one encoder pass and ``num_samples`` decoder passes per batch. ``keep_posterior``: also
+    return every sequence's q(z|x) parameters (``BoundTerms.posterior``, float64, batch order),
+    the same numbers as :func:`tvae_core.estimators.collect_posterior_parameters` on the same
+    batches without a second encoder pass.
     """
     check_int_at_least("num_samples", num_samples, 1)
-    rates, distortions, tokens = [], [], []
+    rates, distortions, tokens, locs, scales = [], [], [], [], []
     for batch in _iterate(batches, progress, "rate/distortion"):
         batch = _to_device(batch, device)
-        rate, dist = bound_terms(model, batch, num_samples, generator)          # [B], [B]
+        posterior = model.encode(batch)
+        rate, dist = bound_terms(model, batch, num_samples, generator, posterior)  # [B], [B]
+        if keep_posterior:
+            locs.append(posterior.loc.double().cpu())
+            scales.append(posterior.scale.double().cpu())
         rates.append(rate.double().cpu())
         distortions.append(dist.double().cpu())
         tokens.append(model.num_predicted_tokens(batch).double().cpu())
@@ -182,6 +202,7 @@ def evaluate_bounds(model, batches: Iterable[Mapping[str, torch.Tensor]], num_sa
         elbo_per_token=float(elbo.sum()) / num_tokens,
         perplexity=perplexity(-float(elbo.sum()), num_tokens),
         num_sequences=rate.numel(), num_tokens=num_tokens, num_samples=num_samples,
+        posterior=PosteriorParameters(torch.cat(locs), torch.cat(scales)) if keep_posterior else None,
     )
 
 
