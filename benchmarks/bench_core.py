@@ -159,7 +159,7 @@ def main() -> None:
     rows.append(("train step, VAE, float32 LM head (s)", step["VAE float32 head"], f"profile: {head_dtype}"))
     rows.append(("train step, LM, float32 LM head (s)", step["LM float32 head"], ""))
     rows.append(("ratio VAE / LM, float32 LM head", step["VAE float32 head"] / step["LM float32 head"], ""))
-    rows.append(("train step, VAE before head/GELU changes (s)", step["VAE before"], ""))
+    rows.append(("train step, VAE before head/GELU/AdamW changes (s)", step["VAE before"], ""))
     rows.append(("speed-up of the VAE step (before / after)", step["VAE before"] / step["VAE"], ""))
     rows.append(("aggregate MI + marginal KL, N=10k, D=32 (s)", time_aggregate(10_000, 32), "target < 5"))
     matmul, softmax, head_rows = time_head_floor(args.profile)

@@ -568,7 +568,7 @@ def pretrained_config(base: RunConfig, encoder: str = DEFAULT_ENCODER, decoder: 
     learning rate (Optimus fine-tunes at 5e-5)."""
     label = base.label if base.label else "pretrained"
     return base.replace(model={"encoder": encoder, "decoder": decoder}, data={"tokenizer": "pretrained"},
-                        # pretrained heads train unfused (compute-bound), where lm_head_dtype has no effect
+                        # pretrained heads train unfused (compute-bound): build_model refuses a bfloat16 head
                         train={"learning_rate": learning_rate, "lm_head_dtype": "float32"}, label=label)
 
 
