@@ -52,6 +52,15 @@ def _exact_target_logits(hidden, weight, bias, targets) -> torch.Tensor:
     return target_logit
 
 
+def _block_logits(h, w, b, targets_rows, exact_target_rows) -> torch.Tensor:
+    """float32 logits ``[m, V]`` of one block of rows ``h`` (in the matmul's dtype, as ``w`` and
+    ``b``); with ``exact_target_rows``, each target's exact logit replaces its rounded one."""
+    logits = F.linear(h, w, b).float()
+    if exact_target_rows is not None:
+        logits.scatter_(1, targets_rows[:, None], exact_target_rows[:, None])
+    return logits
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, block_rows: int, compute_dtype=None):
@@ -60,24 +69,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # a low-precision matmul is chosen here, not by an enclosing autocast region
         with torch.autocast(hidden.device.type, enabled=False) if low_precision else nullcontext():
             w, b, exact_target = weight, bias, None
-            if low_precision:
+            if low_precision:  # converted once, kept for the backward pass
                 w = weight.to(compute_dtype)
                 b = bias.to(compute_dtype) if bias is not None else None
                 exact_target = _exact_target_logits(hidden, weight, bias, targets)  # [M]
             for start in range(0, hidden.shape[0], block_rows):
                 rows = slice(start, start + block_rows)
                 h = hidden[rows].to(compute_dtype) if low_precision else hidden[rows]
-                logits = F.linear(h, w, b).float()  # [m, V]
-                if low_precision:
-                    logits.scatter_(1, targets[rows, None], exact_target[rows, None])
+                logits = _block_logits(h, w, b, targets[rows], exact_target[rows] if low_precision else None)
                 nll[rows] = F.cross_entropy(logits, targets[rows], reduction="none")
-        ctx.save_for_backward(hidden, weight, bias, targets, exact_target)
+        ctx.save_for_backward(hidden, weight, bias, targets, exact_target, w, b)
         ctx.block_rows, ctx.compute_dtype = block_rows, compute_dtype
         return nll
 
     @staticmethod
     def backward(ctx, grad_nll):
-        hidden, weight, bias, targets, exact_target = ctx.saved_tensors
+        hidden, weight, bias, targets, exact_target, w, b = ctx.saved_tensors
         block_rows, compute_dtype = ctx.block_rows, ctx.compute_dtype
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
@@ -86,15 +93,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if (need_b and bias is not None) else None
         low_precision = compute_dtype is not None
         with torch.autocast(hidden.device.type, enabled=False) if low_precision else nullcontext():
-            w = weight.to(compute_dtype) if low_precision else weight
-            b = bias.to(compute_dtype) if (low_precision and bias is not None) else bias
             for start in range(0, hidden.shape[0], block_rows):
                 rows = slice(start, start + block_rows)
                 h = hidden[rows].to(compute_dtype) if low_precision else hidden[rows]
-                logits = F.linear(h, w, b).float()  # [m, V], recomputed as in the forward pass
-                if low_precision:
-                    logits.scatter_(1, targets[rows, None], exact_target[rows, None])
-                dlogits = torch.softmax(logits, dim=-1)
+                logits = _block_logits(h, w, b, targets[rows], exact_target[rows] if low_precision else None)
+                dlogits = torch.softmax(logits, dim=-1)  # the forward pass's logits, recomputed
                 dlogits[torch.arange(dlogits.shape[0], device=dlogits.device), targets[rows]] -= 1.0
                 dlogits.mul_(grad_nll[rows].float().unsqueeze(1))
                 d = dlogits.to(w.dtype)

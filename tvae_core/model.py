@@ -255,8 +255,7 @@ class TransformerVAE(nn.Module):
                             enabled=low_precision is not None):
             hidden = self.decoder_hidden_states(inputs, mask[:, :-1].repeat(num_samples, 1), latent)  # [S*B, T-1, H]
         head = _lm_head(self.decoder)
-        fused = self.fuse_lm_head if training else self.fuse_lm_head_in_evaluation
-        if isinstance(head, nn.Linear) and fused:  # see trains_blocked_lm_head
+        if self._uses_blocked_lm_head(training):
             token_nll = linear_cross_entropy(hidden[target_mask], head.weight, head.bias,
                                              targets[target_mask], compute_dtype=head_dtype)  # [M], M real targets
         else:  # heads with a transform before the vocabulary projection (RoBERTa, BERT)
@@ -266,10 +265,16 @@ class TransformerVAE(nn.Module):
         nll = torch.zeros(targets.shape[0], dtype=token_nll.dtype, device=ids.device).index_add(0, rows, token_nll)
         return -nll.view(num_samples, batch_size)
 
+    def _uses_blocked_lm_head(self, training: bool) -> bool:
+        """Whether the LM head is computed by :func:`tvae_core.lm_head.linear_cross_entropy` (a plain
+        linear head, fused in this mode) or unfused (heads with a transform: RoBERTa, BERT)."""
+        fused = self.fuse_lm_head if training else self.fuse_lm_head_in_evaluation
+        return fused and isinstance(_lm_head(self.decoder), nn.Linear)
+
     @property
     def trains_blocked_lm_head(self) -> bool:
         """Whether training computes the LM head with :func:`tvae_core.lm_head.linear_cross_entropy`."""
-        return self.fuse_lm_head and isinstance(_lm_head(self.decoder), nn.Linear)
+        return self._uses_blocked_lm_head(training=True)
 
     def num_predicted_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return batch["attention_mask"].sum(-1) - 1  # [BOS] is read, never predicted
