@@ -65,6 +65,37 @@ def test_bfloat16_evaluation_stays_close_and_applies_only_without_gradients():
     assert torch.equal(model.log_likelihood(batch, z).detach(), exact)  # grad enabled: float32
 
 
+def test_train_config_lm_head_dtype_reaches_the_head_in_training_only():
+    """build_model wires TrainConfig.lm_head_dtype to the head: with gradients, bfloat16 moves
+    log p(x|z) a little (and back-propagates); without them the evaluation dtype rules."""
+    from tvae_core.config import DataConfig, RunConfig, TrainConfig
+    from tvae_core.data import Vocabulary, train_word_tokenizer
+    from tvae_core.train import build_model
+
+    vocab = Vocabulary.from_word_tokenizer(train_word_tokenizer(["the cat sat on the mat", "a dog ran"], 40))
+    models = {}
+    for dtype in ("float32", "bfloat16"):
+        torch.manual_seed(0)
+        config = RunConfig(data=DataConfig(max_length=24),
+                           model=ModelConfig(hidden_size=32, num_layers=1, num_heads=2, latent_dim=4, dropout=0.0),
+                           train=TrainConfig(lm_head_dtype=dtype))
+        models[dtype] = build_model(config, vocab).eval()
+    assert models["float32"].training_lm_head_dtype is None
+    assert models["bfloat16"].training_lm_head_dtype == torch.bfloat16
+    ids = [vocab.bos_id, *vocab.encode("the cat sat on the mat"), vocab.eos_id]
+    batch, z = collate([ids], vocab.pad_id), torch.randn(2, 1, 4)
+    trained = {name: m.log_likelihood(batch, z) for name, m in models.items()}  # gradients on
+    assert 0 < (trained["bfloat16"] - trained["float32"]).abs().max() < 0.1
+    trained["bfloat16"].sum().backward()
+    assert models["bfloat16"].decoder.lm_head.weight.grad is not None
+    with torch.no_grad():
+        assert torch.equal(models["bfloat16"].log_likelihood(batch, z), models["float32"].log_likelihood(batch, z))
+
+
+def test_scratch_decoder_uses_the_exact_gelu():
+    assert make_model("both").decoder.config.activation_function == "gelu"
+
+
 @pytest.mark.parametrize("injection", ["memory", "embedding", "both"])
 def test_generation_keeps_the_latent_at_every_step(injection):
     """Incremental decoding with the KV cache must give the same logits as teacher forcing on the
