@@ -5,11 +5,14 @@
    (the profile's ``training.lm_head_dtype`` is bfloat16 on the default); and the VAE step before
    the optimisations (unfused float32 cross-entropy, GPT-2's 8-op "gelu_new", AdamW's
    per-parameter loop) vs after.
-2. The importance-weighted log-likelihood with K = 500: before (float32, plain head, 8-op GELU,
-   2,000 sequences per decoder call) vs after (the profile's ``decoder_dtype``, fused blocked head,
-   exact (erf) GELU, 500 per call, sentences bucketed by length, ``--threads`` batches at once) on the
-   same sentences; the evaluation's levers one at a time on every 25th test sentence; then the
-   whole PTB test split (3,761 sentences) with the current code (target: < 3 minutes).
+2. The LM head per target row: the torch path's two kernels (bfloat16 matmul, float32
+   log-softmax) vs the compiled kernel (``tvae_core.native``: transposed matmul + one-sweep
+   log-sum-exp). The importance-weighted log-likelihood with K = 500: before (float32, plain head,
+   8-op GELU, 2,000 sequences per decoder call) vs after (the profile's ``decoder_dtype``, compiled
+   head kernel, exact (erf) GELU, 500 per call, sentences bucketed by length, ``--threads`` batches
+   at once) on the same sentences; the evaluation's levers one at a time on every 25th test
+   sentence; then the whole PTB test split (3,761 sentences) with the current code (target: < 3
+   minutes).
 3. Aggregate-posterior MI and marginal KL over N = 10,000 points in D = 32 (target: < 5 s).
 
 Run: ``make bench`` (or ``.venv/bin/python benchmarks/bench_core.py [--threads 2] [--skip-iw]``).
@@ -18,10 +21,12 @@ Models are freshly initialised (timings do not depend on the weights).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
 
+from tvae_core import native
 from tvae_core.data import iterate_batches, load_corpus
 from tvae_core.estimators import evaluate_log_likelihood, self_and_leave_one_out_terms
 from tvae_core.experiments import method_config
@@ -75,10 +80,11 @@ def time_training_steps(profile: str, steps: int, repeats: int) -> dict[str, flo
 
 def time_iw(profile: str, num_samples: int, sentences: slice, before: bool = False,
             decoder_dtype: str | None = None, workers: int = 1, sentences_per_call: int = 5,
-            progress: bool = True) -> tuple[float, int, float]:
+            progress: bool = True, compiled_head: bool = True) -> tuple[float, int, float]:
     """Seconds for IW with K = ``num_samples`` on ``test[sentences]``; ``sentences_per_call`` x 100
     samples per decoder call (the evaluation's setting; "before" used 20 x 100, float32).
-    ``decoder_dtype`` None: the profile's. Returns (seconds, N, mean bound)."""
+    ``decoder_dtype`` None: the profile's; ``compiled_head`` False: the torch path of the head
+    (``tvae_core.native.disabled``). Returns (seconds, N, mean bound)."""
     cfg = method_config("VAE", profile)
     corpus = load_corpus(cfg.data)
     torch.manual_seed(0)
@@ -90,33 +96,38 @@ def time_iw(profile: str, num_samples: int, sentences: slice, before: bool = Fal
     seqs = corpus.token_ids("test")[sentences]
     started = time.perf_counter()
     batches = iterate_batches(seqs, sentences_per_call, corpus.vocab.pad_id, bucket=not before)
-    result = evaluate_log_likelihood(model, batches,
-                                     num_samples=num_samples, chunk_size=100,
-                                     generator=torch.Generator().manual_seed(0), progress=progress,
-                                     workers=workers)
+    with contextlib.nullcontext() if compiled_head and not before else native.disabled():
+        result = evaluate_log_likelihood(model, batches,
+                                         num_samples=num_samples, chunk_size=100,
+                                         generator=torch.Generator().manual_seed(0), progress=progress,
+                                         workers=workers)
     return time.perf_counter() - started, len(seqs), result.mean
 
 
-def time_head_floor(profile: str, repeats: int = 300) -> tuple[float, float, int]:
-    """The LM head's cost per target row on ONE thread, from its two kernels on a 64-row block of
-    the default head (hidden -> 10k words): the bfloat16 vocabulary matmul and the float32
-    log-softmax (with the bfloat16 -> float32 conversion). Returns (matmul s/row, log-softmax
-    s/row, K=500 target rows of the whole test split): a floor for IW, since every row needs both."""
+def time_head(profile: str, repeats: int = 300) -> dict[str, float]:
+    """The LM head's cost per target row on ONE thread, 64-row blocks of the default head
+    (hidden -> 10k words), median over ``repeats``: the torch path's two kernels (the bfloat16
+    vocabulary matmul; the float32 log-softmax with the bfloat16 -> float32 conversion) and the
+    compiled kernel (the whole head: exact target logits, matmul, log-sum-exp) on 64 x 64 rows.
+    Also the K=500 target rows of the whole test split."""
     import torch.nn.functional as F
+
+    from tvae_core.lm_head import _exact_target_logits
 
     cfg = method_config("VAE", profile)
     corpus = load_corpus(cfg.data)
-    rows = 500 * sum(len(s) - 1 for s in corpus.token_ids("test"))
+    out = {"rows": 500 * sum(len(s) - 1 for s in corpus.token_ids("test"))}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         gen = torch.Generator().manual_seed(0)
-        hidden = torch.randn(64, cfg.model.hidden_size, generator=gen).bfloat16()
-        weight = (torch.randn(corpus.vocab.size, cfg.model.hidden_size, generator=gen) * 0.1).bfloat16()
-        targets = torch.randint(0, corpus.vocab.size, (64,), generator=gen)
-        logits = F.linear(hidden, weight)
+        hidden = torch.randn(64 * 64, cfg.model.hidden_size, generator=gen)
+        weight = torch.randn(corpus.vocab.size, cfg.model.hidden_size, generator=gen) * 0.1
+        targets = torch.randint(0, corpus.vocab.size, (64 * 64,), generator=gen)
+        block, weight16 = hidden[:64].bfloat16(), weight.bfloat16()
+        logits = F.linear(block, weight16)
 
-        def median_seconds(fn):
+        def median_seconds(fn, repeats=repeats):
             fn()
             times = []
             for _ in range(repeats):
@@ -124,11 +135,17 @@ def time_head_floor(profile: str, repeats: int = 300) -> tuple[float, float, int
                 fn()
                 times.append(time.perf_counter() - started)
             return sorted(times)[len(times) // 2]
-        matmul = median_seconds(lambda: F.linear(hidden, weight)) / 64
-        softmax = median_seconds(lambda: F.cross_entropy(logits.float(), targets, reduction="none")) / 64
+        out["matmul"] = median_seconds(lambda: F.linear(block, weight16)) / 64
+        out["log-softmax"] = median_seconds(
+            lambda: F.cross_entropy(logits.float(), targets[:64], reduction="none")) / 64
+        if native.available():
+            hidden16 = hidden.bfloat16()
+            exact = _exact_target_logits(hidden, weight, None, targets)
+            out["compiled"] = median_seconds(lambda: native.lm_head_nll(hidden16, weight16, targets, exact),
+                                             max(5, repeats // 30)) / len(targets)
     finally:
         torch.set_num_threads(threads)
-    return matmul, softmax, rows
+    return out
 
 
 def time_aggregate(num_points: int, dim: int) -> float:
@@ -162,11 +179,18 @@ def main() -> None:
     rows.append(("train step, VAE before head/GELU/AdamW changes (s)", step["VAE before"], ""))
     rows.append(("speed-up of the VAE step (before / after)", step["VAE before"] / step["VAE"], ""))
     rows.append(("aggregate MI + marginal KL, N=10k, D=32 (s)", time_aggregate(10_000, 32), "target < 5"))
-    matmul, softmax, head_rows = time_head_floor(args.profile)
-    rows.append(("LM head per target row, 1 thread: bf16 matmul (us)", matmul * 1e6, "64 x 64 x 10k"))
-    rows.append(("LM head per target row, 1 thread: log-softmax (us)", softmax * 1e6, "float32"))
-    rows.append((f"  => head alone, {head_rows / 1e6:.1f}M rows / {args.threads} threads (s)",
-                 head_rows * (matmul + softmax) / args.threads, "floor for whole-split IW"))
+    head = time_head(args.profile)
+    rows.append(("LM head per target row, 1 thread: bf16 matmul (us)", head["matmul"] * 1e6, "64 x 64 x 10k"))
+    rows.append(("LM head per target row, 1 thread: log-softmax (us)", head["log-softmax"] * 1e6, "float32"))
+    rows.append((f"  => torch path, {head['rows'] / 1e6:.1f}M rows / {args.threads} threads (s)",
+                 head["rows"] * (head["matmul"] + head["log-softmax"]) / args.threads, "whole-split IW, head only"))
+    if "compiled" in head:
+        rows.append(("LM head per target row, 1 thread: compiled kernel (us)", head["compiled"] * 1e6,
+                     "tvae_core.native"))
+        rows.append((f"  => compiled, {head['rows'] / 1e6:.1f}M rows / {args.threads} threads (s)",
+                     head["rows"] * head["compiled"] / args.threads, "whole-split IW, head only"))
+        rows.append(("  speed-up of the head (torch path / compiled)",
+                     (head["matmul"] + head["log-softmax"]) / head["compiled"], ""))
     if not args.skip_iw:
         n = args.compare_sentences
         before, _, before_mean = time_iw(args.profile, 500, slice(n), before=True, sentences_per_call=20,
@@ -179,15 +203,20 @@ def main() -> None:
         # the evaluation's levers one at a time, on every 25th test sentence (all lengths)
         every = slice(None, None, 25)
         lever = {}
-        for name, dtype, workers in (("float32, 1 batch", "float32", 1),
-                                     ("bfloat16, 1 batch", "bfloat16", 1),
-                                     (f"bfloat16, {args.threads} batches at once", "bfloat16", args.threads)):
+        levers = [("float32, 1 batch", "float32", 1, False),
+                  ("bfloat16, 1 batch", "bfloat16", 1, False),
+                  (f"bfloat16, {args.threads} batches at once", "bfloat16", args.threads, False)]
+        if native.available():
+            levers.append((f"+ compiled head, {args.threads} batches", "bfloat16", args.threads, True))
+        for name, dtype, workers, compiled in levers:
             lever[name], m, mean = time_iw(args.profile, 500, every, decoder_dtype=dtype, workers=workers,
-                                           progress=False)
-            rows.append((f"IW K=500, {m} sentences, {name} (s)", lever[name], f"bound {mean:.3f}"))
+                                           progress=False, compiled_head=compiled)
+            rows.append((f"IW K=500, {m} sentences, {name} (s)", lever[name], f"bound {mean:.5f}"))
         names = list(lever)
         rows.append(("  bfloat16 / float32 decoder", lever[names[0]] / lever[names[1]], "speed-up"))
         rows.append(("  batches at once / one at a time", lever[names[1]] / lever[names[2]], "speed-up"))
+        if native.available():
+            rows.append(("  compiled head / torch path", lever[names[2]] / lever[names[3]], "speed-up"))
         seconds, m, _ = time_iw(args.profile, 500, slice(args.iw_sentences), workers=args.threads)
         rows.append((f"IW log-likelihood K=500, {m} test sentences (s)", seconds, "target < 180"))
     print(f"\n{'measurement':<56}{'value':>10}  note   (threads={args.threads}, profile={args.profile})")

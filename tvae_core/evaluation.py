@@ -36,7 +36,7 @@ from .profiles import EstimatorSize, Profile, get_profile
 from .runs import Run, write_json_atomic
 
 log = logging.getLogger(__name__)
-EVALUATION_FORMAT_VERSION = 3  # 2: IW batches bucketed by length, bfloat16 head option; 3: bfloat16 decoder, float32 target logit
+EVALUATION_FORMAT_VERSION = 4  # 2: IW batches bucketed by length, bfloat16 head option; 3: bfloat16 decoder, float32 target logit; 4: the compiled bfloat16 LM-head kernel (tvae_core.native)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,106 @@
+"""Compiled CPU kernels, built once on first use with the machine's C++ compiler.
+
+:func:`lm_head_nll` is the LM head's per-row negative log-likelihood for gradient-free
+evaluation (a bias-free head whose vocabulary matmul runs in bfloat16: every scratch and
+pretrained decoder of the book), the inner loop of the importance-weighted log-likelihood:
+
+    nll_m = log( sum_{v != t_m} exp(l_mv) + exp(x_m) ) - x_m,   l_m = W h_m (bfloat16 matmul)
+
+with x_m = w_{t_m} . h_m the target's logit computed exactly in float32, as in
+:mod:`tvae_core.lm_head`. The torch path takes a float32 log-softmax of each ``[rows, V]``
+block: four passes over the block (convert, max, exponentials, output) with libm-accurate
+exponentials, 62% of an IW evaluation's time (torch profiler). Here the block's logits come out
+transposed (``[V, rows]``) so 16 rows are one vector of floats, and one kernel takes the max and
+the sum of exponentials vertically with a degree-5 polynomial exponential (relative error 2.3e-7,
+within two float32 roundings of ``exp``). The two paths agree to ~1e-5 nats per token
+(tested); ``benchmarks/bench_core.py`` measures the speed-up side by side.
+
+The kernel is compiled with ``torch.utils.cpp_extension`` (g++/clang and ninja; ~20 s once,
+cached in ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``; concurrent processes
+wait for one build) for this machine's CPU (``-march=native``). Where it cannot be built (no compiler), or with ``TVAE_CORE_NATIVE=0``,
+:func:`available` is False and :mod:`tvae_core.lm_head` keeps the torch path, with a warning
+saying why.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import platform
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name("lm_head_nll.cpp")
+DISABLE_VARIABLE = "TVAE_CORE_NATIVE"
+_enabled = True  # switched off by `disabled()` (benchmarks and tests compare both paths)
+
+
+@functools.cache
+def _module():
+    if os.environ.get(DISABLE_VARIABLE, "1") == "0":
+        return None
+    if platform.system() == "Windows":  # the flags below are gcc/clang's
+        return None
+    from torch.utils.cpp_extension import load
+
+    # the build is for this CPU: its name says which, so a shared home directory keeps one per kind
+    name = f"tvae_lm_head_nll_{platform.machine()}_{torch.backends.cpu.get_cpu_capability()}".lower()
+    build_directory = _extensions_directory() / name
+    try:
+        build_directory.mkdir(parents=True, exist_ok=True)
+        _remove_stale_lock(build_directory / "lock")
+        return load(name=name, sources=[str(_SOURCE)], extra_cflags=["-O3", "-march=native"],
+                    build_directory=str(build_directory), verbose=False)
+    except Exception as error:  # no compiler or ninja, or a failed build: the torch path stays
+        warnings.warn(f"tvae_core.native: the LM-head kernel could not be built ({type(error).__name__}: "
+                      f"{str(error).strip()[:300]}); using the torch path (slower, same numbers to "
+                      f"~1e-5 nats per token)", RuntimeWarning, stacklevel=3)
+        return None
+
+
+def _extensions_directory() -> Path:
+    """torch's own default: ``TORCH_EXTENSIONS_DIR``, else ``~/.cache/torch_extensions``."""
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
+
+
+def _remove_stale_lock(lock: Path, max_age_seconds: float = 600.0) -> None:
+    """torch waits for ever on the lock file of a build that was killed (Ctrl-C in a notebook);
+    a build takes ~20 s, so a lock older than ``max_age_seconds`` is a dead build's."""
+    try:
+        if time.time() - lock.stat().st_mtime > max_age_seconds:
+            lock.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def available() -> bool:
+    """Whether the compiled kernels are used (built now if needed): False where they cannot be
+    built, with ``TVAE_CORE_NATIVE=0``, and inside :func:`disabled`."""
+    return _enabled and _module() is not None
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within this block the torch paths are used (process-wide, not thread-local)."""
+    global _enabled
+    previous, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
+def lm_head_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                target_logits: torch.Tensor) -> torch.Tensor:
+    """Per-row NLL ``[M]`` (float32) of the bias-free head ``weight`` [V, H] (bfloat16) on ``hidden``
+    [M, H] (bfloat16), with ``targets`` [M] (int64) and their exact logits ``target_logits`` [M]
+    (float32). Blocks of 64 rows run in parallel on torch's intra-op threads. Raises if
+    :func:`available` is False."""
+    module = _module()
+    if module is None:
+        raise RuntimeError("tvae_core.native is not available (see the warning when it was loaded, "
+                           f"or {DISABLE_VARIABLE}=0)")
+    return module.lm_head_nll(hidden, weight, targets, target_logits)
