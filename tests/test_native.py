@@ -43,7 +43,7 @@ def test_kernel_matches_float64_on_the_same_logits(rows):
     assert nll.shape == (rows,) and nll.dtype == torch.float32
     if rows:
         error = nll.double() - _reference(h, w, t)
-        assert error.abs().max() < 2e-6, error.abs().max()
+        assert error.abs().max() < 3e-6, error.abs().max()
 
 
 @needs_kernel

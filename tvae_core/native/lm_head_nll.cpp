@@ -4,8 +4,8 @@
 //   nll_m = log( sum_{v != t_m} exp(l_mv) + exp(x_m) ) - x_m,   l = h W^T in bfloat16,
 //
 // x_m the target's logit computed exactly in float32 by the caller. Each block's logits are
-// computed transposed ([V, rows], oneDNN's bfloat16 matmul) so that 16 rows form one vector of
-// floats: the max and the sum of exponentials over the vocabulary are then plain vertical
+// computed transposed ([V, rows], oneDNN's bfloat16 matmul) so that 16 rows (AVX-512; 8 with AVX2)
+// form one vector of floats: the max and the sum of exponentials over the vocabulary are then plain vertical
 // vector operations, which the compiler vectorises (-O3 -march=native), with a degree-5
 // polynomial exponential (relative error 2.0e-7, measured) in place of libm's.
 #include <torch/extension.h>
@@ -18,27 +18,31 @@
 
 namespace {
 
-constexpr int64_t kLanes = 16;  // rows reduced together: one vector of 16 floats
+// GCC/Clang vector extensions, one native register wide: the compiler splits wider vectors into
+// scalar code for comparisons (measured: an AVX2 build of a 16-wide version was 4x slower than
+// the torch path), so the lane count follows the instruction set the build targets.
+#if defined(__AVX512F__)
+constexpr int64_t kLanes = 16;  // one zmm register
+#elif defined(__AVX2__)
+constexpr int64_t kLanes = 8;   // one ymm register
+#else
+constexpr int64_t kLanes = 4;   // one xmm (SSE2) or NEON register
+#endif
+typedef float floats __attribute__((vector_size(kLanes * 4)));
+typedef int32_t ints __attribute__((vector_size(kLanes * 4)));
+typedef uint32_t uints __attribute__((vector_size(kLanes * 4)));
+typedef uint16_t halves __attribute__((vector_size(kLanes * 2)));
 
-// GCC/Clang vector extensions: the compiler maps them to this CPU's widest vectors (one zmm
-// register with AVX-512, two ymm with AVX2, four NEON registers on ARM).
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
+__attribute__((always_inline)) inline floats splat(float value) { return floats{} + value; }
 
-inline f32x16 splat(float value) { return f32x16{} + value; }
-
-inline f32x16 load_bf16(const uint16_t* source) {  // bfloat16 is the high half of a float
-  u16x16 raw;
+__attribute__((always_inline)) inline floats load_bf16(const uint16_t* source) {  // bfloat16 is the high half of a float
+  halves raw;
   std::memcpy(&raw, source, sizeof raw);
-  return reinterpret_cast<f32x16>(__builtin_convertvector(raw, u32x16) << 16);
+  return reinterpret_cast<floats>(__builtin_convertvector(raw, uints) << 16);
 }
 
-inline f32x16 maximum(f32x16 a, f32x16 b) {
-  const i32x16 a_wins = a > b;
-  return reinterpret_cast<f32x16>((reinterpret_cast<i32x16>(a) & a_wins) |
-                                  (reinterpret_cast<i32x16>(b) & ~a_wins));
+__attribute__((always_inline)) inline floats maximum(floats a, floats b) {
+  return a > b ? a : b;
 }
 
 // exp(x) = 2^n * e^r with n = round(x log2 e) and r = x - n ln 2 in [-ln2/2, ln2/2] (Cody-Waite:
@@ -46,36 +50,37 @@ inline f32x16 maximum(f32x16 a, f32x16 b) {
 // near-minimax degree-5 polynomial (max relative error 2.0e-7 in float32, measured on a grid), 2^n added to the
 // exponent bits. x log2 e is clamped at -126 so that 2^n stays a normal float: exp(x) < 1.2e-38
 // counts as ~1e-38, which no sum with a term of 1 (the row's max) can see. Callers pass x <= 0.
-inline f32x16 fast_exp(f32x16 x) {
-  const f32x16 round = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+__attribute__((always_inline)) inline floats fast_exp(floats x) {
+  const floats round = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
   x = maximum(x, splat(-87.33f));           // = -126 ln 2
-  const f32x16 n = (x * 1.44269504088896341f + round) - round;
-  const f32x16 r = (x - n * 0.693145751953125f) - n * 1.4286068202862268e-6f;
-  f32x16 p = splat(8.297654800117016e-3f);
+  const floats n = (x * 1.44269504088896341f + round) - round;
+  const floats r = (x - n * 0.693145751953125f) - n * 1.4286068202862268e-6f;
+  floats p = splat(8.297654800117016e-3f);
   p = p * r + 4.191538318991661e-2f;
   p = p * r + 1.6667574644088745e-1f;
   p = p * r + 4.9998894333839417e-1f;
   p = p * r + 9.999997019767761e-1f;
   p = p * r + 1.0000001192092896f;
-  const i32x16 exponent = __builtin_convertvector(n, i32x16) << 23;
-  return reinterpret_cast<f32x16>(reinterpret_cast<i32x16>(p) + exponent);
+  const ints exponent = __builtin_convertvector(n, ints) << 23;
+  return reinterpret_cast<floats>(reinterpret_cast<ints>(p) + exponent);
 }
 
 float lane_exp(float x) {  // fast_exp of one value: the target corrections use the same function
   return fast_exp(splat(x))[0];
 }
 
-constexpr int64_t kGroups = 4;                // vectors of rows per block
-constexpr int64_t kBlockRows = kGroups * kLanes;  // 64 rows per matmul
-constexpr int64_t kChunk = 256;  // vocabulary rows per pass: 256 x 64 bfloat16 = 32 KB, L1-sized
+constexpr int64_t kGroups = 4;  // vectors of rows per block: 16 accumulators, all in registers
+constexpr int64_t kBlockRows = kGroups * kLanes;  // rows per matmul: 64 with AVX-512, 32 with AVX2
+constexpr int64_t kChunk = 256;  // vocabulary rows per pass: 256 x 64 bfloat16 = 32 KB (AVX-512), L1-sized
 
-// The NLL of `count` (<= 64) rows whose logits are the columns of `logits` ([V, 64], bfloat16).
+// The NLL of `count` (<= kBlockRows) rows whose logits are the columns of `logits`
+// ([V, kBlockRows], bfloat16).
 // One sweep over the vocabulary in L1-sized chunks: each chunk's max first, then its
 // exponentials, the running sum rescaled when the max grows (online logsumexp). The running max
 // starts at the exact target logit, so the sum never overflows and the max needs no fix-up.
 void reduce_block(const uint16_t* logits, int64_t vocab, const int64_t* targets,
                   const float* target_logits, int64_t count, float* nll) {
-  f32x16 max[kGroups], sum[kGroups];
+  floats max[kGroups], sum[kGroups];
   for (int64_t g = 0; g < kGroups; ++g) {
     for (int64_t j = 0; j < kLanes; ++j) {
       const int64_t row = g * kLanes + j;
@@ -85,20 +90,18 @@ void reduce_block(const uint16_t* logits, int64_t vocab, const int64_t* targets,
   }
   for (int64_t first = 0; first < vocab; first += kChunk) {
     const int64_t last = std::min(vocab, first + kChunk);
-    f32x16 chunk_max[kGroups];
+    floats chunk_max[kGroups];
     for (int64_t g = 0; g < kGroups; ++g) chunk_max[g] = max[g];
     for (int64_t v = first; v < last; ++v) {
       for (int64_t g = 0; g < kGroups; ++g) {
         chunk_max[g] = maximum(chunk_max[g], load_bf16(logits + v * kBlockRows + g * kLanes));
       }
     }
-    f32x16 chunk_sum[kGroups];  // summed per chunk, then into the total: float32 rounding grows
+    floats chunk_sum[kGroups];  // summed per chunk, then into the total: float32 rounding grows
     for (int64_t g = 0; g < kGroups; ++g) {  // with 256 + V / 256 terms, not with V
       // rescaled only where the max grew: exp(0) is 1 + 1.2e-7 here, and multiplying by it
       // at each of the V / 256 chunks biased the sum by ~2e-6 (measured)
-      const i32x16 grew = chunk_max[g] > max[g];
-      const i32x16 scale = reinterpret_cast<i32x16>(fast_exp(max[g] - chunk_max[g]));
-      sum[g] *= reinterpret_cast<f32x16>((scale & grew) | (reinterpret_cast<i32x16>(splat(1.0f)) & ~grew));
+      sum[g] *= chunk_max[g] > max[g] ? fast_exp(max[g] - chunk_max[g]) : splat(1.0f);
       max[g] = chunk_max[g];
       chunk_sum[g] = splat(0.0f);
     }
@@ -156,7 +159,7 @@ torch::Tensor lm_head_nll(const torch::Tensor& hidden, const torch::Tensor& weig
       if (count != kBlockRows) {  // zero rows up to a whole block; their results are dropped
         block = at::cat({block, at::zeros({kBlockRows - count, hidden.size(1)}, hidden.options())});
       }
-      const auto logits = at::mm(weight_c, block.t()).contiguous();  // [V, 64], bfloat16
+      const auto logits = at::mm(weight_c, block.t()).contiguous();  // [V, kBlockRows], bfloat16
       reduce_block(reinterpret_cast<const uint16_t*>(logits.data_ptr<at::BFloat16>()), vocab,
                    target_ptr + start, target_logit_ptr + start, count, nll_ptr + start);
     }
