@@ -146,7 +146,7 @@ def test_a_failed_build_falls_back_to_torch_with_a_warning(monkeypatch):
 
     def no_compiler(**kwargs):
         raise RuntimeError("no C++ compiler found")
-    native._module.cache_clear()
+    native._load_module.cache_clear()
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
     try:
         with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found.*torch path"):
@@ -157,13 +157,13 @@ def test_a_failed_build_falls_back_to_torch_with_a_warning(monkeypatch):
         torch.testing.assert_close(nll.double(), _reference(h, w, t), rtol=0, atol=1e-5)
         with pytest.raises(RuntimeError, match="not available"):
             native.lm_head_nll(h.bfloat16(), w.bfloat16(), t, _exact_target_logits(h, w, None, t))
-        native._module.cache_clear()
+        native._load_module.cache_clear()
         monkeypatch.setenv(native.DISABLE_VARIABLE, "0")
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert not native.available()  # switched off on purpose: no warning
     finally:
-        native._module.cache_clear()
+        native._load_module.cache_clear()
 
 
 def test_a_dead_builds_lock_is_removed_and_a_live_one_kept(tmp_path):

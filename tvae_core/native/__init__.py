@@ -30,6 +30,7 @@ import contextlib
 import functools
 import os
 import platform
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -43,10 +44,16 @@ DISABLE_VARIABLE = "TVAE_CORE_NATIVE"
 # SSE2-only build took 14.9 us, and no ARM machine was available to measure NEON)
 FASTER_ON = ("AVX512", "AVX2")
 _enabled = True  # switched off by `disabled()` (benchmarks and tests compare both paths)
+_build_lock = threading.Lock()  # the IW evaluation's worker threads may be the first callers
+
+
+def _module():
+    with _build_lock:
+        return _load_module()
 
 
 @functools.cache
-def _module():
+def _load_module():
     if os.environ.get(DISABLE_VARIABLE, "1") == "0":
         return None
     if platform.system() == "Windows":  # the flags below are gcc/clang's
