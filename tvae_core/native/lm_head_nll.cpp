@@ -4,10 +4,10 @@
 //   nll_m = log( sum_{v != t_m} exp(l_mv) + exp(x_m) ) - x_m,   l = h W^T in bfloat16,
 //
 // x_m the target's logit computed exactly in float32 by the caller. Each block's logits are
-// computed transposed ([V, rows], oneDNN's bfloat16 matmul) so that 16 rows (AVX-512; 8 with AVX2)
-// form one vector of floats: the max and the sum of exponentials over the vocabulary are then plain vertical
-// vector operations, which the compiler vectorises (-O3 -march=native), with a degree-5
-// polynomial exponential (relative error 2.0e-7, measured) in place of libm's.
+// computed transposed ([V, rows], oneDNN's bfloat16 matmul) so that 16 rows (AVX-512; 8 with
+// AVX2) form one vector of floats: the max and the sum of exponentials over the vocabulary are
+// then vertical vector operations (GCC/Clang vector extensions, built with -O3 -march=native),
+// with a degree-5 polynomial exponential (relative error 2.0e-7, measured) in place of libm's.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -35,7 +35,8 @@ typedef uint16_t halves __attribute__((vector_size(kLanes * 2)));
 
 __attribute__((always_inline)) inline floats splat(float value) { return floats{} + value; }
 
-__attribute__((always_inline)) inline floats load_bf16(const uint16_t* source) {  // bfloat16 is the high half of a float
+// bfloat16 is the high half of a float32
+__attribute__((always_inline)) inline floats load_bf16(const uint16_t* source) {
   halves raw;
   std::memcpy(&raw, source, sizeof raw);
   return reinterpret_cast<floats>(__builtin_convertvector(raw, uints) << 16);
@@ -47,9 +48,10 @@ __attribute__((always_inline)) inline floats maximum(floats a, floats b) {
 
 // exp(x) = 2^n * e^r with n = round(x log2 e) and r = x - n ln 2 in [-ln2/2, ln2/2] (Cody-Waite:
 // ln 2 split in two so that n * ln2_hi is exact and r keeps float32 accuracy for any x); e^r by a
-// near-minimax degree-5 polynomial (max relative error 2.0e-7 in float32, measured on a grid), 2^n added to the
-// exponent bits. x log2 e is clamped at -126 so that 2^n stays a normal float: exp(x) < 1.2e-38
-// counts as ~1e-38, which no sum with a term of 1 (the row's max) can see. Callers pass x <= 0.
+// near-minimax degree-5 polynomial (max relative error 2.0e-7 in float32, measured on a grid of
+// x in [-87, 0]), 2^n added to the exponent bits. x is clamped at -126 ln 2 so that 2^n stays a
+// normal float: exp(x) < 1.2e-38 counts as ~1e-38, which no sum with a term of 1 (the row's max)
+// can see. Callers pass x <= 0.
 __attribute__((always_inline)) inline floats fast_exp(floats x) {
   const floats round = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
   x = maximum(x, splat(-87.33f));           // = -126 ln 2
@@ -71,7 +73,7 @@ float lane_exp(float x) {  // fast_exp of one value: the target corrections use 
 
 constexpr int64_t kGroups = 4;  // vectors of rows per block: 16 accumulators, all in registers
 constexpr int64_t kBlockRows = kGroups * kLanes;  // rows per matmul: 64 with AVX-512, 32 with AVX2
-constexpr int64_t kChunk = 256;  // vocabulary rows per pass: 256 x 64 bfloat16 = 32 KB (AVX-512), L1-sized
+constexpr int64_t kChunk = 256;  // vocabulary rows per pass: 256 x 64 bfloat16 = 32 KB, L1-sized
 
 // The NLL of `count` (<= kBlockRows) rows whose logits are the columns of `logits`
 // ([V, kBlockRows], bfloat16).
