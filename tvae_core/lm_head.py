@@ -28,8 +28,8 @@ under bfloat16 autocast): a sentence's log p(x|z) moves by 0.010-0.011 nats (sta
 deviation; at most 0.045) and the mean by at most 0.0005 nats, against ~130 nats per sentence.
 Rounding the target logit too, as before, gave 0.031 nats (at most 0.12).
 
-Gradient-free bfloat16 evaluation of a bias-free head (every decoder of the book) goes to the
-compiled kernel :func:`tvae_core.native.lm_head_nll` where it is available: the same quantity
+Gradient-free bfloat16 evaluation of a bias-free head (the scratch decoders' evaluation in the
+default profile) goes to the compiled kernel :func:`tvae_core.native.lm_head_nll` where it is available: the same quantity
 with one sweep over each block's logits instead of a float32 log-softmax, 1.7x faster per row
 and within ~2e-6 nats of float64 on the same bfloat16 logits (tested, as is this module's path).
 """
