@@ -36,6 +36,13 @@ typedef uint16_t halves __attribute__((vector_size(kLanes * 2)));
 __attribute__((always_inline)) inline floats splat(float value) { return floats{} + value; }
 
 // bfloat16 is the high half of a float32
+inline float bf16_to_float(uint16_t bits) {
+  const uint32_t widened = static_cast<uint32_t>(bits) << 16;
+  float value;
+  std::memcpy(&value, &widened, sizeof value);
+  return value;
+}
+
 __attribute__((always_inline)) inline floats load_bf16(const uint16_t* source) {
   halves raw;
   std::memcpy(&raw, source, sizeof raw);
@@ -118,11 +125,7 @@ void reduce_block(const uint16_t* logits, int64_t vocab, const int64_t* targets,
     const int64_t g = row / kLanes, j = row % kLanes;
     // the target's rounded term leaves the sum (computed by the same function, so it cancels to
     // the sum's rounding) and its exact logit enters instead
-    uint16_t rounded_bits;
-    std::memcpy(&rounded_bits, logits + targets[row] * kBlockRows + row, sizeof rounded_bits);
-    const uint32_t widened = static_cast<uint32_t>(rounded_bits) << 16;
-    float rounded_target;
-    std::memcpy(&rounded_target, &widened, sizeof rounded_target);
+    const float rounded_target = bf16_to_float(logits[targets[row] * kBlockRows + row]);
     const float target_term = lane_exp(target_logits[row] - max[g][j]);
     const float total = sum[g][j] - lane_exp(rounded_target - max[g][j]) + target_term;
     // -log p >= 0: a near-certain target's ~1e-7 of cancellation must not make it negative
@@ -146,8 +149,11 @@ torch::Tensor lm_head_nll(const torch::Tensor& hidden, const torch::Tensor& weig
   const auto weight_c = weight.contiguous();
   const auto targets_c = targets.contiguous();
   const auto target_logits_c = target_logits.contiguous();
-  TORCH_CHECK(rows == 0 || (targets_c.min().item<int64_t>() >= 0 && targets_c.max().item<int64_t>() < vocab),
-              "lm_head_nll: targets must lie in [0, ", vocab, ")");
+  if (rows > 0) {
+    const auto [lowest, highest] = at::aminmax(targets_c);
+    TORCH_CHECK(lowest.item<int64_t>() >= 0 && highest.item<int64_t>() < vocab,
+                "lm_head_nll: targets must lie in [0, ", vocab, ")");
+  }
   auto nll = torch::empty({rows}, hidden.options().dtype(at::kFloat));
   const int64_t* target_ptr = targets_c.data_ptr<int64_t>();
   const float* target_logit_ptr = target_logits_c.data_ptr<float>();
