@@ -152,6 +152,7 @@ def test_a_failed_build_falls_back_to_torch_with_a_warning(monkeypatch):
     try:
         with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found.*torch path"):
             assert not native.available()
+        assert native.describe() == "torch path (the kernel could not be built)"
         h, w, t = _case(20)
         with torch.no_grad():
             nll = linear_cross_entropy(h, w, None, t, compute_dtype=torch.bfloat16)
@@ -163,8 +164,16 @@ def test_a_failed_build_falls_back_to_torch_with_a_warning(monkeypatch):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert not native.available()  # switched off on purpose: no warning
+            assert native.describe() == f"torch path ({native.DISABLE_VARIABLE}=0)"
     finally:
         native._load_module.cache_clear()
+
+
+@needs_kernel
+def test_describe_names_the_path_evaluation_takes():
+    assert native.describe().startswith("compiled kernel (tvae_core.native, ")
+    with native.disabled():
+        assert native.describe() == "torch path (tvae_core.native.disabled)"
 
 
 def test_a_dead_builds_lock_is_removed_and_a_live_one_kept(tmp_path):

@@ -70,7 +70,31 @@ def test_book_notebooks_were_executed_with_the_default_profile():
     for path in executed:
         nb = nbformat.read(str(path), as_version=4)
         assert nb.metadata["papermill"]["parameters"]["profile"] == "default", path.name
-        assert nb.metadata["tvae_provenance"]["profile"] == "default", path.name
+        stamp = nb.metadata["tvae_provenance"]
+        assert stamp["profile"] == "default", path.name
+        assert set(stamp["compute"]) == {"torch CPU capability", "LM head in bfloat16 evaluation", "malloc"}, \
+            path.name
+
+
+def test_the_provenance_page_lists_each_pages_stamp_with_its_code_paths(tmp_path, monkeypatch):
+    from tvae_core import book
+
+    executed, book_dir = tmp_path / "notebooks", tmp_path / "book"
+    executed.mkdir()
+    book_dir.mkdir()
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["tvae_provenance"] = {"profile": "default", "parameters": {"profile": "default"}, "seconds": 1.25,
+                                      "executed_at": "2026-11-29T00:00:00+00:00", "machine": "x86_64, 2 CPU cores",
+                                      "versions": {"torch": "2.13.0"}, "compute": book.compute_paths()}
+    nbformat.write(nb, str(executed / "00_stamped.ipynb"))
+    nbformat.write(nbformat.v4.new_notebook(), str(executed / "01_unstamped.ipynb"))
+    monkeypatch.setattr(book, "EXECUTED_DIR", executed)
+    monkeypatch.setattr(book, "BOOK_DIR", book_dir)
+    page = book.write_provenance_page().read_text()
+    assert "- run time: 1.2 s" in page and "| torch | 2.13.0 |" in page
+    for key, value in book.compute_paths().items():
+        assert f"- {key}: {value}" in page
+    assert "## `01_unstamped`" in page and "No provenance stamp" in page
 
 
 @pytest.mark.slow

@@ -73,10 +73,24 @@ def execute_notebook(source: Path, output: Path, profile: str, kernel: str | Non
         "profile": profile, "parameters": nb.metadata.get("papermill", {}).get("parameters", parameters),
         "seconds": round(seconds, 1), "executed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": package_versions(), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+        "compute": compute_paths(),
     }
     nbformat.write(nb, str(tmp))
     os.replace(tmp, output)
     return seconds
+
+
+def compute_paths() -> dict[str, str]:
+    """The machine-dependent code paths this process takes (the notebooks' kernels inherit its
+    environment): the numbers they produce differ between paths only in rounding."""
+    import torch
+
+    from . import native
+    from .allocator import keep_freed_memory
+
+    return {"torch CPU capability": torch.backends.cpu.get_cpu_capability(),
+            "LM head in bfloat16 evaluation": native.describe(),
+            "malloc": "glibc, freed memory kept (tvae_core.allocator)" if keep_freed_memory() else "the system's defaults"}
 
 
 def _previous_seconds(source: Path) -> float:
@@ -137,7 +151,8 @@ def execute_all(profile: str, kernel: str | None = None, only: list[str] | None 
 
 
 def write_provenance_page() -> Path:
-    """book/provenance.md: per executed notebook its profile, parameters, run time and versions."""
+    """book/provenance.md: per executed notebook its profile, parameters, run time, code paths
+    (:func:`compute_paths`) and versions."""
     import nbformat
 
     lines = ["# Provenance", "",
@@ -152,8 +167,9 @@ def write_provenance_page() -> Path:
             lines += ["No provenance stamp: this notebook was not executed by `make execute`.", ""]
             continue
         lines += [f"- profile: `{stamp['profile']}`", f"- executed: {stamp['executed_at']} on {stamp['machine']}",
-                  f"- run time: {stamp['seconds']:.1f} s (runs loaded from the cache count as loading time)", "",
-                  "| parameter | value |", "|---|---|"]
+                  f"- run time: {stamp['seconds']:.1f} s (runs loaded from the cache count as loading time)"]
+        lines += [f"- {k}: {v}" for k, v in stamp.get("compute", {}).items()]
+        lines += ["", "| parameter | value |", "|---|---|"]
         lines += [f"| `{k}` | `{v!r}` |" for k, v in stamp["parameters"].items()]
         lines += ["", "| package | version |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in stamp["versions"].items()]
