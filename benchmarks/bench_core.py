@@ -4,7 +4,13 @@
    the ratio the performance target is stated in (<= 1.4); the same two with a float32 LM head
    (the profile's ``training.lm_head_dtype`` is bfloat16 on the default); and the VAE step before
    the optimisations (unfused float32 cross-entropy, GPT-2's 8-op "gelu_new", AdamW's
-   per-parameter loop) vs after.
+   per-parameter loop) vs after. All five models share one process, so their allocations shape
+   each other's: with glibc's defaults (``TVAE_CORE_MALLOPT=0``) the "before" model's ~50 MB
+   float32 logits raise glibc's mmap threshold for the whole process, and the VAE and LM steps
+   here ran near their fault-free times (one thread: 52.7 / 37.3 ms vs 48.7 / 35.0 ms with
+   ``tvae_core.allocator``'s setting, one run each), unlike a fresh process.
+   ``bench_train_process.py`` times the step as the book trains it (a fresh process per run,
+   one thread), with and without the allocator's setting.
 2. The LM head per target row: the torch path's two kernels (bfloat16 matmul, float32
    log-softmax) vs the compiled kernel (``tvae_core.native``: transposed matmul + one-sweep
    log-sum-exp). The importance-weighted log-likelihood with K = 500: before (float32, plain head,
