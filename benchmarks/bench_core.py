@@ -52,12 +52,27 @@ def as_before(model):
     return model
 
 
+def training_batches(cfg, corpus, steps: int) -> list:
+    """``steps`` shuffled, length-bucketed training batches of the run's batch size."""
+    return list(iterate_batches(corpus.token_ids("train")[: cfg.train.batch_size * steps],
+                                cfg.train.batch_size, corpus.vocab.pad_id, shuffle=True))
+
+
+def training_pass(cfg, model, optimizer, batches) -> torch.Tensor:
+    """One optimiser step per batch, as the training loop takes it; returns the last loss."""
+    for step, batch in enumerate(batches):
+        loss, _ = compute_loss(model.forward_terms(batch), cfg.objective, step, len(batches))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return loss
+
+
 def time_training_steps(profile: str, steps: int, repeats: int) -> dict[str, float]:
     """Median seconds per optimiser step; the variants interleaved so all see the same load."""
     vae_cfg, lm_cfg = method_config("VAE", profile), method_config("LM", profile)
     corpus = load_corpus(vae_cfg.data)
-    batches = list(iterate_batches(corpus.token_ids("train")[: vae_cfg.train.batch_size * steps],
-                                   vae_cfg.train.batch_size, corpus.vocab.pad_id, shuffle=True))
+    batches = training_batches(vae_cfg, corpus, steps)
     models = {}
     for name, cfg, variant in (("VAE", vae_cfg, "profile"), ("LM", lm_cfg, "profile"),
                                ("VAE float32 head", vae_cfg, "float32"), ("LM float32 head", lm_cfg, "float32"),
@@ -75,11 +90,7 @@ def time_training_steps(profile: str, steps: int, repeats: int) -> dict[str, flo
     for _ in range(repeats):
         for name, (cfg, model, opt) in models.items():
             started = time.perf_counter()
-            for step, batch in enumerate(batches):
-                loss, _ = compute_loss(model.forward_terms(batch), cfg.objective, step, steps)
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
+            training_pass(cfg, model, opt, batches)
             times[name].append((time.perf_counter() - started) / len(batches))
     return {name: sorted(values)[len(values) // 2] for name, values in times.items()}
 

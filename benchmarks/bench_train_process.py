@@ -23,37 +23,27 @@ import time
 
 def worker(method: str, profile: str, threads: int) -> dict[str, float]:
     import torch
+    from bench_core import training_batches, training_pass  # this script's folder is on sys.path
 
     from tvae_core.allocator import keep_freed_memory
-    from tvae_core.data import iterate_batches, load_corpus
+    from tvae_core.data import load_corpus
     from tvae_core.experiments import method_config
-    from tvae_core.objectives import compute_loss
     from tvae_core.train import build_model, make_optimizer
 
     torch.set_num_threads(threads)
     cfg = method_config(method, profile)
     corpus = load_corpus(cfg.data)
     steps = 10
-    batches = list(iterate_batches(corpus.token_ids("train")[: cfg.train.batch_size * steps],
-                                   cfg.train.batch_size, corpus.vocab.pad_id, shuffle=True))
+    batches = training_batches(cfg, corpus, steps)
     torch.manual_seed(0)
     model = build_model(cfg, corpus.vocab).train()
     optimizer = make_optimizer(model, cfg.train)
-
-    def one_pass() -> float:
-        for step, batch in enumerate(batches):
-            loss, _ = compute_loss(model.forward_terms(batch), cfg.objective, step, steps)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-        return loss.item()
-
-    one_pass()
+    training_pass(cfg, model, optimizer, batches)
     seconds, faults = [], []
     for _ in range(5):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         started = time.perf_counter()
-        loss = one_pass()
+        loss = training_pass(cfg, model, optimizer, batches).item()
         seconds.append((time.perf_counter() - started) / steps)
         faults.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps)
     return {"seconds": statistics.median(seconds), "faults": statistics.median(faults), "loss": loss,

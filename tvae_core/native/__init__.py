@@ -52,13 +52,19 @@ def _module():
         return _load_module()
 
 
+def _not_attempted_because() -> str | None:
+    """Why no kernel is built in this process (None: it is, or was tried)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if os.environ.get(DISABLE_VARIABLE, "1") == "0":
+        return f"{DISABLE_VARIABLE}=0"
+    if platform.system() == "Windows" or capability not in FASTER_ON:  # the flags below are gcc/clang's
+        return f"no kernel for {platform.system()} {platform.machine()} {capability}"
+    return None
+
+
 @functools.cache
 def _load_module():
-    if os.environ.get(DISABLE_VARIABLE, "1") == "0":
-        return None
-    if platform.system() == "Windows":  # the flags below are gcc/clang's
-        return None
-    if torch.backends.cpu.get_cpu_capability() not in FASTER_ON:
+    if _not_attempted_because() is not None:
         return None
     from torch.utils.cpp_extension import load
 
@@ -101,16 +107,14 @@ def available() -> bool:
 def describe() -> str:
     """Which path gradient-free bfloat16 evaluation takes for the LM head in this process, and
     why, for provenance records (the two paths differ by ~2e-6 nats per token)."""
-    capability = torch.backends.cpu.get_cpu_capability()
     if not _enabled:
         return "torch path (tvae_core.native.disabled)"
-    if os.environ.get(DISABLE_VARIABLE, "1") == "0":
-        return f"torch path ({DISABLE_VARIABLE}=0)"
-    if platform.system() == "Windows" or capability not in FASTER_ON:
-        return f"torch path (no kernel for {platform.system()} {platform.machine()} {capability})"
+    reason = _not_attempted_because()
+    if reason is not None:
+        return f"torch path ({reason})"
     if _module() is None:
         return "torch path (the kernel could not be built)"
-    return f"compiled kernel (tvae_core.native, {platform.machine()} {capability} build)"
+    return f"compiled kernel (tvae_core.native, {platform.machine()} {torch.backends.cpu.get_cpu_capability()} build)"
 
 
 @contextlib.contextmanager
