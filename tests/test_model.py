@@ -170,3 +170,25 @@ def test_latent_projections_use_the_decoders_initialisation():
     ids, mask = batch["input_ids"][:, :-1], batch["attention_mask"][:, :-1]
     torch.testing.assert_close(embedding_only.decoder_logits(ids, mask, torch.zeros(1, 16)),
                                embedding_only.decoder_logits(ids, mask, None))
+
+
+def test_encoder_depth_is_set_apart_from_the_decoder():
+    """``encoder_layers`` sizes the scratch encoder only (the default profile's 1-layer encoder with a
+    2-layer decoder); left unset, both have ``num_layers``."""
+    cfg = ModelConfig(hidden_size=32, num_layers=2, encoder_layers=1, num_heads=2, latent_dim=4)
+    model = TransformerVAE.from_scratch(cfg, 40, pad_id=0, unk_id=1, bos_id=2, eos_id=3, max_length=24)
+    assert len(model.encoder.encoder.layer) == 1 and model.decoder.config.n_layer == 2
+    assert model._kv_shape[0] == 2  # the latent's memory slot goes into every decoder layer
+    same = TransformerVAE.from_scratch(ModelConfig(hidden_size=32, num_layers=2, num_heads=2, latent_dim=4), 40,
+                                       pad_id=0, unk_id=1, bos_id=2, eos_id=3, max_length=24)
+    assert len(same.encoder.encoder.layer) == 2
+
+
+def test_profiles_encoder_depth_reaches_the_runs_but_not_pretrained_ones():
+    from tvae_core.experiments import method_config
+    from tvae_core.pretrained import pretrained_study
+    from tvae_core.profiles import get_profile
+
+    assert method_config("VAE", "default").model.encoder_layers == get_profile("default").model.encoder_layers == 1
+    assert method_config("VAE", "smoke").model.encoder_layers is None
+    assert all(cfg.model.encoder_layers is None for cfg in pretrained_study("default").values())

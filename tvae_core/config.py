@@ -69,7 +69,8 @@ class ModelConfig:
     encoder: str = "scratch"        # scratch: BertModel from config; else an HF id or local path
     decoder: str = "scratch"        # scratch: GPT2LMHeadModel from config; else an HF id or local path
     hidden_size: int = 128          # scratch models only
-    num_layers: int = 2
+    num_layers: int = 2             # the scratch decoder's depth (and the encoder's, unless encoder_layers)
+    encoder_layers: int | None = None  # the scratch encoder's depth; None = num_layers
     num_heads: int = 4
     latent_dim: int = 32            # the thesis uses D = 32
     injection: str = "both"         # memory | embedding | both (Optimus) | none (decoder-only LM)
@@ -85,6 +86,11 @@ class ModelConfig:
         _check_positive_int("model.latent_dim", self.latent_dim)
         _check_positive_int("model.hidden_size", self.hidden_size)
         _check_positive_int("model.num_layers", self.num_layers)
+        if self.encoder_layers is not None:
+            _check_positive_int("model.encoder_layers", self.encoder_layers)
+            if self.encoder != "scratch":
+                raise ValueError(f"model.encoder_layers={self.encoder_layers} sizes a scratch encoder only; "
+                                 f"model.encoder={self.encoder!r} is pretrained: accepted value None")
         _check_positive_int("model.num_heads", self.num_heads)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"model.hidden_size={self.hidden_size} must be divisible by "
