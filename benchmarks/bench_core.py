@@ -7,8 +7,8 @@
    per-parameter loop) vs after. All five models share one process, so their allocations shape
    each other's: with glibc's defaults (``TVAE_CORE_MALLOPT=0``) the "before" model's ~50 MB
    float32 logits raise glibc's mmap threshold for the whole process, and the VAE and LM steps
-   here ran near their fault-free times (one thread, with the 2-layer encoder: 52.7 / 37.3 ms vs 48.7 / 35.0 ms with
-   ``tvae_core.allocator``'s setting, one run each), unlike a fresh process.
+   here ran near their fault-free times (one thread, with the 2-layer encoder: 52.7 / 37.3 ms vs
+   48.7 / 35.0 ms with ``tvae_core.allocator``'s setting, one run each), unlike a fresh process.
    ``bench_train_process.py`` times the step as the book trains it (a fresh process per run,
    one thread), with and without the allocator's setting.
 2. The LM head per target row: the torch path's two kernels (bfloat16 matmul, float32

@@ -2,13 +2,13 @@
 every ``free`` and the next training step faults the same pages in again.
 
 glibc serves each block of 128 KiB or more with its own ``mmap`` and trims the heap's free top
-above 128 KiB. Its dynamic threshold only rises to a block's size once such a block is freed, so
-a process whose largest blocks come and go every step keeps paying: a default VAE training
-step (one thread, batch 32, then with a 2-layer encoder) took 6,900-11,200 minor page faults (27-44 MiB faulted in again) and
-65-72 ms; with the thresholds below ~1 fault and 49-53 ms; the LM's step 50-56 ms -> 35-36 ms
-(fresh processes, alternated; the losses bit-identical; ``benchmarks/bench_train_process.py``). PyTorch's CPU tuning guide
-swaps in jemalloc or tcmalloc (``LD_PRELOAD``) for the same reason; ``mallopt`` needs no
-extra library.
+above 128 KiB. Its dynamic threshold only rises to a block's size once such a block is freed, so a
+process whose largest blocks come and go every step keeps paying: a default VAE training step (one
+thread, batch 32, then with a 2-layer encoder) took 6,900-11,200 minor page faults (27-44 MiB
+faulted in again) and 65-72 ms; with the thresholds below ~1 fault and 49-53 ms; the LM's step
+50-56 ms -> 35-36 ms (fresh processes, alternated; the losses bit-identical;
+``benchmarks/bench_train_process.py``). PyTorch's CPU tuning guide swaps in jemalloc or tcmalloc
+(``LD_PRELOAD``) for the same reason; ``mallopt`` needs no extra library.
 
 :func:`keep_freed_memory` runs when :mod:`tvae_core` is imported (training and notebook kernels
 alike). ``TVAE_CORE_MALLOPT=0`` skips it. Only glibc (Linux) has these knobs; elsewhere it does

@@ -54,8 +54,9 @@ def _lm_head(decoder) -> nn.Module:
 def build_scratch_encoder(config: ModelConfig, vocab_size: int, pad_id: int, max_length: int):
     from transformers import BertConfig, BertModel
 
+    depth = config.encoder_layers or config.num_layers
     bert_config = BertConfig(vocab_size=vocab_size, hidden_size=config.hidden_size,
-                             num_hidden_layers=config.encoder_layers or config.num_layers, num_attention_heads=config.num_heads,
+                             num_hidden_layers=depth, num_attention_heads=config.num_heads,
                              intermediate_size=4 * config.hidden_size, max_position_embeddings=max_length,
                              hidden_dropout_prob=config.dropout, attention_probs_dropout_prob=config.dropout,
                              pad_token_id=pad_id)

@@ -567,7 +567,8 @@ def pretrained_config(base: RunConfig, encoder: str = DEFAULT_ENCODER, decoder: 
     """``base`` with pretrained encoder/decoder, the decoder's tokenizer and a fine-tuning
     learning rate (Optimus fine-tunes at 5e-5)."""
     label = base.label if base.label else "pretrained"
-    return base.replace(model={"encoder": encoder, "decoder": decoder, "encoder_layers": None}, data={"tokenizer": "pretrained"},
+    return base.replace(model={"encoder": encoder, "decoder": decoder, "encoder_layers": None},
+                        data={"tokenizer": "pretrained"},
                         # pretrained heads train unfused (compute-bound): build_model refuses a bfloat16 head
                         train={"learning_rate": learning_rate, "lm_head_dtype": "float32"}, label=label)
 
