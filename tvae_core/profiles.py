@@ -115,8 +115,8 @@ PROFILES: dict[str, Profile] = {
     "default": Profile(
         name="default",
         # Sized for the cold-book budget (24 runs on 2 cores, one run per core): batch 32 costs
-        # ~0.06 s per step on one thread with the LM head's matmuls in bfloat16 (0.09 s in float32;
-        # the 10k-word softmax dominates), 600 steps ~ 0.45 epoch.
+        # ~0.044 s per VAE step on one thread with the LM head's matmuls in bfloat16 (0.07 s in
+        # float32; the 10k-word softmax dominates), 600 steps ~ 0.45 epoch.
         training=TrainingSize(max_steps=600, batch_size=32, eval_every=100, checkpoint_every=200,
                               max_train_sentences=None, max_eval_sentences=1000,
                               max_test_sentences=None, lm_head_dtype="bfloat16"),
