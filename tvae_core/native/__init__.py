@@ -1,8 +1,9 @@
 """Compiled CPU kernels, built once on first use with the machine's C++ compiler.
 
 :func:`lm_head_nll` is the LM head's per-row negative log-likelihood for gradient-free
-evaluation (a bias-free head whose vocabulary matmul runs in bfloat16: every scratch and
-pretrained decoder of the book), the inner loop of the importance-weighted log-likelihood:
+evaluation of a bias-free head whose vocabulary matmul runs in bfloat16 (the default profile's
+evaluation of the scratch decoders; the pretrained study evaluates in float32 and keeps the torch
+path), the inner loop of the importance-weighted log-likelihood:
 
     nll_m = log( sum_{v != t_m} exp(l_mv) + exp(x_m) ) - x_m,   l_m = W h_m (bfloat16 matmul)
 
