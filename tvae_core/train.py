@@ -18,6 +18,7 @@ import platform
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from tqdm import tqdm
 
 from .config import CACHE_FORMAT_VERSION, RunConfig, TrainConfig
 from .data import Corpus, Vocabulary, iterate_batches, load_corpus
+from .device import module_device, move_batch, resolve_device, synchronize
 from .model import TransformerVAE
 from .objectives import LagrangeMultiplier, compute_loss
 from .runs import finalize_run_dir, runs_dir, write_json_atomic
@@ -82,8 +84,77 @@ class TrainingModule(nn.Module):
         return self.vae.forward_terms(batch)
 
 
+class StepTimer:
+    """Steady-state training speed, for ``meta.json``: the wall time of the steps after the first
+    ``warmup`` (allocator, cuBLAS and kernel set-up), validation and checkpoints excluded, and the
+    tokens those steps read (non-padding tokens of the batch, BOS/EOS included). The device is
+    synchronised only where the clock is read (the warm-up's end, around the pauses, the end), so
+    timing adds no synchronisation to a step."""
+
+    def __init__(self, device: torch.device, start_step: int, max_steps: int, warmup: int = 20):
+        self.device = device
+        self.first_timed_step = start_step + min(warmup, max(1, (max_steps - start_step) // 10))
+        self.seconds, self.steps, self.tokens = 0.0, 0, 0
+        self._since: float | None = None
+
+    def at_step(self, step: int) -> None:
+        if step == self.first_timed_step:
+            synchronize(self.device)
+            self._since = time.perf_counter()
+        if step >= self.first_timed_step:
+            self.steps += 1
+
+    def count_tokens(self, step: int, attention_mask: torch.Tensor) -> None:
+        if step >= self.first_timed_step:
+            self.tokens += int(attention_mask.sum())  # a CPU batch: no device synchronisation
+
+    def stop(self) -> None:
+        if self._since is not None:
+            synchronize(self.device)
+            self.seconds += time.perf_counter() - self._since
+            self._since = None
+
+    @contextmanager
+    def paused(self):
+        running = self._since is not None
+        self.stop()
+        try:
+            yield
+        finally:
+            if running:
+                self._since = time.perf_counter()
+
+    def summary(self) -> dict:
+        if not self.steps or self.seconds <= 0:
+            return {"device": str(self.device), "timed_steps": 0}
+        return {"device": str(self.device), "timed_steps": self.steps, "seconds": self.seconds,
+                "seconds_per_step": self.seconds / self.steps, "tokens_per_second": self.tokens / self.seconds}
+
+
 def _step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7919 + 17) % (2**63 - 1)
+
+
+@torch.no_grad()
+def validation_terms(model: TransformerVAE, sequences: list[list[int]], pad_id: int, batch_size: int = 128,
+                     seed: int = 0) -> dict[str, torch.Tensor]:
+    """Per-sentence rate and distortion [N], predicted tokens [N] and posterior means [N, D], on
+    the model's device (each batch is moved there; nothing is read back to the host)."""
+    was_training = model.training
+    model.eval()
+    torch.manual_seed(seed)
+    device = module_device(model)
+    rates, distortions, tokens, means = [], [], [], []
+    for batch in iterate_batches(sequences, batch_size, pad_id, shuffle=False, bucket=True):
+        batch = move_batch(batch, device)
+        terms = model.forward_terms(batch)
+        rates.append(terms["kl_per_dim"].sum(-1))
+        distortions.append(terms["distortion"])
+        tokens.append(model.num_predicted_tokens(batch))
+        means.append(terms["posterior"].loc)
+    model.train(was_training)
+    return {"rate": torch.cat(rates), "distortion": torch.cat(distortions), "tokens": torch.cat(tokens),
+            "means": torch.cat(means)}
 
 
 @torch.no_grad()
@@ -91,20 +162,9 @@ def validation_metrics(model: TransformerVAE, sequences: list[list[int]], pad_id
                        seed: int = 0) -> dict[str, float]:
     """Single-sample validation terms (nats per sentence): rate, distortion, ELBO, per-token NLL
     bound, active units. The full estimators (IW bound, MI) live in ``tvae_core.estimators``."""
-    was_training = model.training
-    model.eval()
-    torch.manual_seed(seed)
-    rates, distortions, tokens, means = [], [], [], []
-    for batch in iterate_batches(sequences, batch_size, pad_id, shuffle=False, bucket=True):
-        terms = model.forward_terms(batch)
-        rates.append(terms["kl_per_dim"].sum(-1))
-        distortions.append(terms["distortion"])
-        tokens.append(model.num_predicted_tokens(batch))
-        means.append(terms["posterior"].loc)
-    model.train(was_training)
-    rate, distortion = torch.cat(rates).double(), torch.cat(distortions).double()
-    num_tokens = torch.cat(tokens).double().sum()
-    means = torch.cat(means).double()
+    terms = {k: v.double().cpu() for k, v in validation_terms(model, sequences, pad_id, batch_size, seed).items()}
+    rate, distortion, means = terms["rate"], terms["distortion"], terms["means"]
+    num_tokens = terms["tokens"].sum()
     activity = means.var(0) if means.shape[0] > 1 else torch.zeros(means.shape[1], dtype=torch.float64)
     return {
         "rate": rate.mean().item(),
@@ -145,7 +205,7 @@ def train(config: RunConfig, root: str | Path | None = None, *, progress: bool =
     # the LR schedule counts optimiser steps, stepped by hand on synchronised steps only (Accelerate's
     # default would step it once per process)
     accelerator = Accelerator(gradient_accumulation_steps=tc.gradient_accumulation_steps,
-                              mixed_precision=tc.mixed_precision, cpu=not torch.cuda.is_available(),
+                              mixed_precision=tc.mixed_precision, cpu=resolve_device().type == "cpu",
                               step_scheduler_with_optimizer=False)
     world, rank = accelerator.num_processes, accelerator.process_index
     if tc.batch_size % world:
@@ -191,13 +251,16 @@ def train(config: RunConfig, root: str | Path | None = None, *, progress: bool =
         batch = epoch_cache[epoch][index]
         if world > 1:  # an equal slice of the global batch for this process
             batch = {k: v[rank::world] for k, v in batch.items()}
+        timer.count_tokens(step, batch["attention_mask"])
         return {k: v.to(accelerator.device) for k, v in batch.items()}
 
     started = time.time()
+    timer = StepTimer(accelerator.device, start_step, tc.max_steps)
     bar = tqdm(range(start_step, tc.max_steps), desc=config.label or config.objective.name, initial=start_step,
                total=tc.max_steps, disable=not progress or not accelerator.is_main_process, mininterval=2.0,
                file=sys.stderr, dynamic_ncols=True)
     for step in bar:
+        timer.at_step(step)
         torch.manual_seed(_step_seed(tc.seed, step))
         with accelerator.accumulate(module):
             terms = module(batch_for(step))
@@ -221,12 +284,18 @@ def train(config: RunConfig, root: str | Path | None = None, *, progress: bool =
         bar.set_postfix(rate=f"{diagnostics['rate']:.2f}", distortion=f"{diagnostics['distortion']:.1f}",
                         refresh=False)
         done = step + 1
-        if done % tc.eval_every == 0 or done == tc.max_steps:
-            metrics = validation_metrics(raw_module.vae, valid_ids, vocab.pad_id, seed=tc.seed)
-            history["valid"].append({"step": done, **metrics})
-            module.train()
-        if done % tc.checkpoint_every == 0 and done < tc.max_steps and accelerator.is_main_process:
-            _save_checkpoint(checkpoint_dir, done, history, raw_module, optimizer, scheduler, multiplier_opt)
+        validate = done % tc.eval_every == 0 or done == tc.max_steps
+        checkpoint = done % tc.checkpoint_every == 0 and done < tc.max_steps and accelerator.is_main_process
+        if validate or checkpoint:
+            with timer.paused():
+                if validate:
+                    metrics = validation_metrics(raw_module.vae, valid_ids, vocab.pad_id, seed=tc.seed)
+                    history["valid"].append({"step": done, **metrics})
+                    module.train()
+                if checkpoint:
+                    _save_checkpoint(checkpoint_dir, done, history, raw_module, optimizer, scheduler,
+                                     multiplier_opt)
+    timer.stop()
     bar.close()
     accelerator.wait_for_everyone()
 
@@ -247,7 +316,7 @@ def train(config: RunConfig, root: str | Path | None = None, *, progress: bool =
             "cache_format_version": CACHE_FORMAT_VERSION, "key": config.key, "label": config.label,
             "train_seconds_this_process": time.time() - started, "resumed_from_step": start_step,
             "num_parameters": sum(p.numel() for p in raw_module.vae.parameters()),
-            "num_processes": world, "versions": _versions()})
+            "num_processes": world, "versions": _versions(), "timing": timer.summary()})
         finalize_run_dir(staging, final_dir)
         shutil.rmtree(partial_dir, ignore_errors=True)
         accelerator.print(f"[tvae] run {config.label or config.key} stored in {final_dir}")

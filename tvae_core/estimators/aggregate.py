@@ -37,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 from ._checks import check_finite, check_int_at_least, check_loc_scale, check_positive_float
-from .bounds import LOG_2PI, PosteriorParameters, _iterate, _to_device, standard_normal
+from .bounds import LOG_2PI, PosteriorParameters, _device_of, _iterate, _to_device, standard_normal
 
 CHUNK_ELEMENTS = 2 ** 24   # float64 entries per chunk (128 MB): bounds memory whatever N is
 
@@ -287,6 +287,7 @@ def collect_posterior_parameters(model, batches: Iterable[Mapping[str, torch.Ten
     """Encode up to ``max_points`` sequences (None = all) and keep loc/scale as float64 ``[N, D]``."""
     if max_points is not None:
         check_int_at_least("max_points", max_points, 1)
+    device = _device_of(model, device)
     locs, scales, count = [], [], 0
     for batch in _iterate(batches, progress, "encode"):
         posterior = model.encode(_to_device(batch, device))

@@ -22,6 +22,7 @@ from torch.distributions import Normal
 from tqdm import tqdm
 
 from ._checks import check_finite, check_int_at_least, check_ladder
+from ..device import module_device, move_batch
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -125,9 +126,15 @@ def _iterate(batches, progress: bool, desc: str):
 
 
 def _to_device(batch: Mapping[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
-    if device is None:
-        return dict(batch)
-    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    return move_batch(batch, device)
+
+
+def _device_of(model, device):
+    """Where batches go: ``device`` if given, else the model's own device (batches from
+    :func:`tvae_core.data.iterate_batches` are built on the CPU)."""
+    if device is not None or not isinstance(model, torch.nn.Module):
+        return device
+    return module_device(model)
 
 
 @dataclass(frozen=True)
@@ -175,6 +182,7 @@ def evaluate_bounds(model, batches: Iterable[Mapping[str, torch.Tensor]], num_sa
     batches without a second encoder pass.
     """
     check_int_at_least("num_samples", num_samples, 1)
+    device = _device_of(model, device)
     rates, distortions, tokens, locs, scales = [], [], [], [], []
     for batch in _iterate(batches, progress, "rate/distortion"):
         batch = _to_device(batch, device)
@@ -321,6 +329,7 @@ def evaluate_log_likelihood_ladder(model, batches: Iterable[Mapping[str, torch.T
     check_int_at_least("chunk_size", chunk_size, 1)
     check_int_at_least("workers", workers, 1)
     tokens = []
+    device = _device_of(model, device)
 
     def prepare(batch):
         batch = _to_device(batch, device)
