@@ -279,16 +279,25 @@ class TransformerVAE(nn.Module):
         # state holds (training under Accelerate's mixed precision keeps the decoder in it)
         with torch.autocast(ids.device.type, dtype=low_precision) if low_precision is not None else nullcontext():
             hidden = self.decoder_hidden_states(inputs, mask[:, :-1].repeat(num_samples, 1), latent)  # [S*B, T-1, H]
-        head = _lm_head(self.decoder)
-        if self._uses_blocked_lm_head(training):
-            token_nll = linear_cross_entropy(hidden[target_mask], head.weight, head.bias,
-                                             targets[target_mask], compute_dtype=head_dtype)  # [M], M real targets
-        else:  # heads with a transform before the vocabulary projection (RoBERTa, BERT)
-            logits = head(hidden[target_mask])  # [M, V]
-            token_nll = F.cross_entropy(logits.float(), targets[target_mask], reduction="none")
+        if ids.device.type != "cpu":
+            # on an accelerator the head reads every position and padding is masked out after:
+            # selecting the real targets first needs their count on the host (a synchronisation)
+            token_nll = self._token_nll(hidden.flatten(0, 1), targets.flatten(), training, head_dtype)
+            nll = (token_nll.view_as(targets) * target_mask).sum(1)  # [S*B]
+            return -nll.view(num_samples, batch_size)
+        # on the CPU the head, most of the step, reads the real targets only, never padding
+        token_nll = self._token_nll(hidden[target_mask], targets[target_mask], training, head_dtype)  # [M]
         rows = torch.arange(targets.shape[0], device=ids.device).unsqueeze(1).expand_as(targets)[target_mask]
         nll = torch.zeros(targets.shape[0], dtype=token_nll.dtype, device=ids.device).index_add(0, rows, token_nll)
         return -nll.view(num_samples, batch_size)
+
+    def _token_nll(self, hidden: torch.Tensor, targets: torch.Tensor, training: bool, head_dtype) -> torch.Tensor:
+        """-log p(target | hidden state) per row: hidden [M, H], targets [M] -> [M] (float32)."""
+        head = _lm_head(self.decoder)
+        if self._uses_blocked_lm_head(training):
+            return linear_cross_entropy(hidden, head.weight, head.bias, targets, compute_dtype=head_dtype)
+        # heads with a transform before the vocabulary projection (RoBERTa, BERT)
+        return F.cross_entropy(head(hidden).float(), targets, reduction="none")
 
     def _uses_blocked_lm_head(self, training: bool) -> bool:
         """Whether the LM head is computed by :func:`tvae_core.lm_head.linear_cross_entropy` (a plain
