@@ -19,6 +19,9 @@ code pooled the last padded position, making q(z|x) depend on the batch); ``firs
 """
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,6 +42,17 @@ def _decoder_geometry(config) -> tuple[int, int, int]:
 
 
 _OFFSET_POSITION_MODELS = ("roberta", "xlm-roberta", "camembert")
+
+
+@functools.cache
+def _cache_argument(model_class: type) -> str:
+    """The name under which ``model_class.forward`` takes a KV cache: ``cache`` in newer
+    transformers 5.x, ``past_key_values`` before (5.17 has only the old name, 5.24 only the new
+    one, the old kept as a deprecated alias). Passed under the wrong name the cache falls into
+    ``**kwargs`` unused, the memory slot silently disappears, and the mask (one column longer for
+    the slot) no longer matches the keys: SDPA fails with "size ... (34) must match ... (35)"."""
+    parameters = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def _lm_head(decoder) -> nn.Module:
@@ -214,7 +228,7 @@ class TransformerVAE(nn.Module):
             attention_mask = torch.cat([attention_mask.new_ones(n, 1), attention_mask], dim=1)
         positions = torch.arange(length, device=input_ids.device).unsqueeze(0).expand(n, -1) + self._position_offset
         return module(inputs_embeds=self._decoder_inputs(input_ids, z), attention_mask=attention_mask,
-                      position_ids=positions, cache=cache, use_cache=False)
+                      position_ids=positions, use_cache=False, **{_cache_argument(type(module)): cache})
 
     def decoder_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        z: torch.Tensor | None) -> torch.Tensor:
@@ -333,7 +347,8 @@ class TransformerVAE(nn.Module):
                 from transformers import DynamicCache
                 cache = DynamicCache(config=self.decoder.config)
             out = self.decoder(inputs_embeds=self._decoder_inputs(tokens, z), attention_mask=attention,
-                               position_ids=positions, cache=cache, use_cache=True)
+                               position_ids=positions, use_cache=True,
+                               **{_cache_argument(type(self.decoder)): cache})
             step_logits.append(out.logits[:, -1].float())
             logits = out.logits[:, -1].float() / temperature  # [N, V]
             # pad and bos are never generated, unless they share eos's id (GPT-2: one
