@@ -45,6 +45,25 @@ def test_log_likelihood_shape_and_matches_full_logits(injection):
     assert torch.allclose(ll[1], reference, atol=1e-4)
 
 
+@pytest.mark.parametrize("injection", ["memory", "both"])
+def test_memory_slot_is_read_with_sdpa_and_a_padded_batch(injection):
+    """The shape path that broke under transformers 5.17 (its decoders take the cache as
+    ``past_key_values``, not ``cache``; the slot was dropped and SDPA's mask, one column longer,
+    no longer matched the keys): memory injection, SDPA, rows of different lengths. A padded row
+    scores as it does alone, the slot moves log p(x|z), and eager attention agrees."""
+    model = make_model(injection)
+    assert model.decoder.config._attn_implementation == "sdpa"
+    batch = collate([[2, 5, 6, 7, 10, 11, 3], [2, 8, 9, 3]], 0)
+    z = torch.randn(2, 2, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        padded = model.log_likelihood(batch, z)  # [S, B]
+        alone = model.log_likelihood(collate([[2, 8, 9, 3]], 0), z[:, 1:])
+        assert torch.allclose(padded[:, 1], alone[:, 0], atol=1e-4)
+        assert (model.log_likelihood(batch, -z) - padded).abs().max() > 1e-2
+        model.decoder.set_attn_implementation("eager")
+        assert torch.allclose(model.log_likelihood(batch, z), padded, atol=1e-4)
+
+
 def test_bfloat16_evaluation_stays_close_and_applies_only_without_gradients():
     """evaluation_dtype: float32 is the plain computation (no autocast warning); bfloat16 moves
     log p(x|z) a little without gradients and nothing while training (gradients on)."""
@@ -113,6 +132,19 @@ def test_generation_keeps_the_latent_at_every_step(injection):
     # and the latent matters at the last steps, not only the first one
     _, other_logits = model.generate(-z, 10, greedy=True, return_logits=True)
     assert (step_logits[:, -1] - other_logits[:, -1]).abs().max() > 1e-3
+
+
+def test_decoder_only_generation_uses_the_kv_cache():
+    """The LM's incremental decoding equals teacher forcing: the cache it builds step by step is
+    read (passed under the name the installed transformers takes, ``cache`` or ``past_key_values``)."""
+    model = make_model("none")
+    ids, step_logits = model.generate(None, 8, greedy=True, num_sequences=2, return_logits=True)
+    steps = step_logits.shape[1]
+    inputs = torch.tensor([[2] + row + [0] * (steps - len(row)) for row in ids])[:, :steps]
+    full = model.decoder_logits(inputs, torch.ones_like(inputs), None)
+    for row, generated in enumerate(ids):
+        n = min(len(generated), steps)
+        assert torch.allclose(step_logits[row, :n], full[row, :n], atol=1e-4)
 
 
 def test_decoder_only_lm_returns_prior_and_ignores_z():
