@@ -334,3 +334,27 @@ def test_two_identical_train_commands_at_once_train_once(built, tmp_path):
     assert [p.returncode for p in processes] == [0, 0], [err[-2000:] for _, err in outputs]
     assert sum("[tvae] run" in out for out, _ in outputs) == 1  # trained once, loaded once
     assert {p.name for p in (tmp_path / "runs").iterdir()} == {"_locks", cfg.key}
+
+
+def test_evaluate_on_a_local_corpus_prints_a_readable_table(built, tmp_path, capsys, monkeypatch):
+    from tvae_core.cli import main
+
+    monkeypatch.setattr("tvae_core.data.DEFAULT_CACHE_DIR", tmp_path / "data-cache")
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    lines = built["corpus"].read_text().splitlines()
+    for name, part in (("train", lines[:100]), ("valid", lines[100:110]), ("test", lines[110:])):
+        (folder / f"{name}.txt").write_text("\n".join(part) + "\n")
+    common = ["--corpus", str(folder), "--profile", "smoke", "--max-steps", "4", "--runs-dir", str(tmp_path / "runs"),
+              "--quiet"]
+    assert main(["evaluate", *common]) == 0
+    table = capsys.readouterr().out
+    assert "test split: 10 sentences" in table
+    for row in ("rate", "distortion", "IW log-likelihood (K=8)", "perplexity", "mutual information"):
+        assert row in table
+    assert "nats per sentence" in table and "per token" in table
+    assert main(["evaluate", *common, "--json"]) == 0  # cached: loaded, not recomputed
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["iw_log_likelihood"] == round(summary["iw_log_likelihood"], 3) < 0
+    stored = json.loads((tmp_path / "runs" / summary["key"] / "config.json").read_text())
+    assert stored["data"] == {**stored["data"], "source": "text", "path": str(folder.resolve())}

@@ -194,6 +194,10 @@ def resolve_pretrained(name: str, cache_dir: str | Path | None = None) -> str:
         if not (target / "config.json").is_file():
             convert_gguf(path, gguf, target)
         return str(target)
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:  # a path, not a hub id
+        raise PretrainedWeightsMissing(f"model.encoder/model.decoder={name!r}: no such folder; accepted values: "
+                                       f"'scratch', a local folder with config.json or a .gguf file, a Hugging "
+                                       f"Face id, or {DEFAULT_ENCODER!r} / {DEFAULT_DECODER!r}")
     return name  # a hub id: from_pretrained finds it (online, or in the local hub cache)
 
 
