@@ -1,4 +1,6 @@
 """Bad parameters and inputs fail early, with a message that names the parameter and what it accepts."""
+import json
+
 import pytest
 import torch
 
@@ -59,6 +61,16 @@ CASES = [
      r"train\.lm_head_dtype.*'bfloat16'"),
     ("unknown method", lambda t: method_config("VAE++", "smoke"), ValueError, r"method.*'MDR'"),
     ("targeted method without rate", lambda t: method_config("FB", "smoke"), ValueError, "target_rate"),
+    ("MMD without bandwidths",
+     lambda t: __import__("tvae_core.estimators.mmd", fromlist=["x"]).mmd2_unbiased(torch.zeros(3, 2), torch.ones(3, 2),
+                                                                                  bandwidths=[]),
+     ValueError, r"bandwidths=\[\].*non-empty"),
+    ("string where a number is expected", lambda t: ObjectiveConfig(beta="0.5"), ValueError,
+     r"objective\.beta='0\.5'.*a number"),
+    ("bool where a fraction is expected", lambda t: ModelConfig(dropout=True), ValueError, r"model\.dropout=True"),
+    ("bool target rate", lambda t: ObjectiveConfig(name="fb", target_rate=True), ValueError, r"target_rate=True"),
+    ("string weight decay", lambda t: TrainConfig(weight_decay="0.1"), ValueError, r"train\.weight_decay"),
+    ("zero threads", lambda t: TrainConfig(num_threads=0), ValueError, r"train\.num_threads"),
     ("papermill parameter of the wrong type",
      lambda t: check_parameters({"__annotations__": {"seed": int}, "seed": "0"}), TypeError, r"seed=.*expected"),
     ("papermill float where int expected",
@@ -83,3 +95,97 @@ def test_cli_rejects_bad_parameters_with_one_line(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "target_rate" in result.stderr and "Traceback" not in result.stderr
+
+
+def _main(capsys, *argv):
+    """The CLI in this process: (exit code, stderr)."""
+    from tvae_core.cli import main
+
+    try:
+        code = main(list(argv))
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def _config_file(tmp_path, change):
+    from helpers import tiny_config, write_corpus
+
+    cfg = tiny_config(write_corpus(tmp_path / "corpus.txt")).to_dict()
+    change(cfg)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+CLI_CASES = [
+    ("unknown key in a section", lambda t: ["train", "--config", _config_file(t, lambda c: c["model"].update(depth=3))],
+     r"model\.depth.*accepted keys"),
+    ("missing section", lambda t: ["train", "--config", _config_file(t, lambda c: c.pop("train"))],
+     r"\['train'\] missing"),
+    ("unknown top-level key", lambda t: ["train", "--config", _config_file(t, lambda c: c.update(optimiser={}))],
+     r"optimiser.*accepted keys"),
+    ("beta as a string", lambda t: ["train", "--config", _config_file(t, lambda c: c["objective"].update(beta="2"))],
+     r"objective\.beta"),
+    ("logvar bound as a string",
+     lambda t: ["train", "--config", _config_file(t, lambda c: c["model"].update(logvar_bound="10"))],
+     r"model\.logvar_bound"),
+    ("dropout true", lambda t: ["train", "--config", _config_file(t, lambda c: c["model"].update(dropout=True))],
+     r"model\.dropout"),
+    ("target rate true",
+     lambda t: ["train", "--config", _config_file(t, lambda c: c["objective"].update(name="fb", target_rate=True))],
+     r"objective\.target_rate"),
+    ("missing config file", lambda t: ["train", "--config", str(t / "nope.json")], r"--config .*not found"),
+    ("config not JSON", lambda t: ["train", "--config", str((t / "x.json").write_text("{") and t / "x.json")],
+     r"--config .*not valid JSON"),
+    ("config is a list", lambda t: ["train", "--config", str((t / "x.json").write_text("[]") and t / "x.json")],
+     r"JSON object"),
+    ("flags next to --config", lambda t: ["train", "--config", _config_file(t, lambda c: None), "--seed", "3"],
+     r"--seed cannot be combined with --config"),
+    ("target rate with the plain VAE", lambda t: ["train", "--target-rate", "4"], r"--target-rate does not apply"),
+    ("beta with the plain VAE", lambda t: ["train", "--beta", "0.5"], r"--beta does not apply.*beta_vae"),
+    ("MDR step with the plain VAE", lambda t: ["train", "--mdr-lr", "0.1"], r"--mdr-lr does not apply.*mdr"),
+    ("free-bits variant with MDR", lambda t: ["train", "--objective", "mdr", "--target-rate", "4",
+                                              "--free-bits-variant", "total"], r"--free-bits-variant does not apply"),
+    ("missing corpus", lambda t: ["train", "--corpus", str(t / "none.txt")], r"--corpus .*not found"),
+    ("zero threads", lambda t: ["train", "--threads", "0", "--profile", "smoke"], r"train\.num_threads"),
+    ("train-all with -1 threads", lambda t: ["train-all", "--threads", "-1"], r"--threads -1.*>= 1"),
+    ("train-all with 0 workers", lambda t: ["train-all", "--workers", "0"], r"--workers 0.*>= 1"),
+    ("a nonexistent encoder path",
+     lambda t: ["train", "--config", _config_file(t, lambda c: c["model"].update(encoder=str(t / "no-encoder"))),
+                "--runs-dir", str(t / "runs")], r"no-encoder"),
+]
+if not torch.cuda.is_available():
+    CLI_CASES.append(("fp16 on a CPU", lambda t: ["train", "--runs-dir", str(t / "runs"), "--config", _config_file(
+        t, lambda c: c["train"].update(mixed_precision="fp16"))], r"mixed_precision='fp16' needs a CUDA GPU"))
+
+
+@pytest.mark.parametrize("name,argv,match", CLI_CASES, ids=[c[0] for c in CLI_CASES])
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, monkeypatch, name, argv, match):
+    import re
+
+    monkeypatch.setattr("tvae_core.data.DEFAULT_CACHE_DIR", tmp_path / "data-cache")
+    code, err = _main(capsys, *argv(tmp_path))
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(match, lines[0]), err
+
+
+def test_an_unknown_notebook_parameter_is_refused_before_running(tmp_path):
+    from tvae_core.book import ROOT, execute_notebook
+
+    source = ROOT / "notebooks" / "00_exact_vae.ipynb"
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['sede'\]; accepted parameters: .*'seed'"):
+        execute_notebook(source, tmp_path / "out.ipynb", "smoke", extra_parameters={"sede": 1})
+    assert not (tmp_path / "out.ipynb").exists()
+
+
+def test_the_console_script_is_the_cli_entry_point():
+    import tomllib
+    from pathlib import Path
+
+    from tvae_core import cli
+
+    project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    module, function = project["project"]["scripts"]["tvae"].split(":")
+    assert module == "tvae_core.cli" and getattr(cli, function) is cli.main

@@ -76,15 +76,19 @@ def test_killed_run_resumes_and_matches_uninterrupted(corpus, tmp_path, lm_head_
 
     killed_dir = tmp_path / "killed"
     process = _run_cli(cfg, killed_dir, wait=False)
-    state = killed_dir / f"{cfg.key}.partial" / "checkpoint" / "state.json"
+    partial = killed_dir / f"{cfg.key}.partial"
+
+    def checkpoints():  # complete ones: published by renaming their staging folder
+        return sorted(p for p in partial.glob("step-*") if p.name[5:].isdigit()) if partial.is_dir() else []
+
     deadline = time.time() + 240
-    while not state.exists() and process.poll() is None and time.time() < deadline:
+    while not checkpoints() and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert state.exists(), "the run finished or failed before its first checkpoint"
+    assert checkpoints(), "the run finished or failed before its first checkpoint"
     assert not (killed_dir / cfg.key).exists()
-    step = json.loads(state.read_text())["step"]
+    step = json.loads((checkpoints()[-1] / "state.json").read_text())["step"]
     assert 0 < step < cfg.train.max_steps
 
     resumed = _run_cli(cfg, killed_dir)
@@ -117,8 +121,9 @@ def _damage_version(path):
     (path / "meta.json").write_text(json.dumps(meta))
 
 
-@pytest.mark.parametrize("damage,reason", [(_damage_missing, "missing"), (_damage_truncated, "unreadable"),
-                                           (_damage_hash, "hash"), (_damage_version, "format version")])
+# the manifest's checksums catch every edit after publishing (tests/test_cache.py damages far more)
+@pytest.mark.parametrize("damage,reason", [(_damage_missing, "missing"), (_damage_truncated, "checksum"),
+                                           (_damage_hash, "checksum"), (_damage_version, "checksum")])
 def test_damaged_cache_entry_is_detected_reported_and_retrained(corpus, tmp_path, caplog, damage, reason):
     cfg = tiny_config(corpus, "vae", max_steps=4)
     run = train_or_load(cfg, tmp_path, progress=False)

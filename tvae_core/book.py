@@ -58,6 +58,10 @@ def execute_notebook(source: Path, output: Path, profile: str, kernel: str | Non
     import papermill
 
     parameters = {"profile": profile, "show_progress": True, **(extra_parameters or {})}
+    accepted = papermill.inspect_notebook(str(source))
+    unknown = sorted(set(parameters) - set(accepted))
+    if unknown:  # papermill would only log them and run with the defaults
+        raise ValueError(f"{source.name}: unknown parameter(s) {unknown}; accepted parameters: {tuple(accepted)}")
     tmp = output.with_name(output.stem + ".running.ipynb")
     output.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()

@@ -1,4 +1,8 @@
-"""Command line: ``python -m tvae_core train ...`` and ``python -m tvae_core train-all ...``."""
+"""Command line: ``tvae train ...``, ``tvae evaluate ...``, ``tvae train-all ...`` (or ``python -m tvae_core ...``).
+
+Bad parameters end with one line naming the parameter and the accepted values, and exit code 2;
+a diverged training run ends with its diagnostic and exit code 1.
+"""
 from __future__ import annotations
 
 import argparse
@@ -15,34 +19,82 @@ from .profiles import PROFILE_NAMES
 
 _METHOD_OF_OBJECTIVE = {"vae": "VAE", "ae": "AE", "cyc": "CYC", "fb": "FB", "mdr": "MDR", "cyc_fb": "CYC-FB",
                         "lm": "LM"}
+# flags that only some objectives read: given with another objective they would be ignored (or,
+# worse, change the run key of an identical run), so they are refused
+_OBJECTIVE_FLAGS = {"target_rate": ("fb", "mdr", "cyc_fb"), "free_bits_variant": ("fb", "cyc_fb"),
+                    "beta": ("beta_vae",), "mdr_lr": ("mdr",), "mdr_lambda_init": ("mdr",)}
+# flags that build a config, hence meaningless next to --config
+_CONFIG_FLAGS = ("objective", "target_rate", "free_bits_variant", "beta", "injection", "word_dropout", "max_steps",
+                 "mdr_lr", "mdr_lambda_init", "seed", "corpus", "threads")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _read_config_file(path: str) -> RunConfig:
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"--config {path}: file not found; accepted values: a RunConfig JSON file")
+    try:
+        data = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"--config {path}: not valid JSON ({err})") from None
+    return RunConfig.from_dict(data)
+
+
+def _corpus_data(path: str) -> dict:
+    """``data`` overrides for ``--corpus``: a text file (one sentence per line) or a folder with
+    train.txt/valid.txt/test.txt; stored as an absolute path so the run key does not depend on
+    the working directory."""
+    corpus = Path(path).expanduser()
+    if not corpus.exists():
+        raise ValueError(f"--corpus {path}: not found; accepted values: a text file with one sentence per line, "
+                         "or a folder with train.txt, valid.txt and test.txt")
+    return {"source": "text", "path": str(corpus.resolve())}
 
 
 def _config_from_args(args) -> RunConfig:
     from .experiments import base_config, method_config
 
     if args.config:
-        return RunConfig.from_dict(json.loads(Path(args.config).read_text()))
-    if args.objective == "beta_vae":
-        cfg = base_config(args.profile, args.seed).replace(objective={"name": "beta_vae", "beta": args.beta},
-                                                           label=f"beta-VAE {args.beta:g}")
+        given = [_flag(name) for name in _CONFIG_FLAGS if getattr(args, name) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} cannot be combined with --config (the config file sets them); "
+                             "accepted: --config alone, or the flags without --config")
+        return _read_config_file(args.config)
+    objective = args.objective or "vae"
+    for name, objectives in _OBJECTIVE_FLAGS.items():
+        if getattr(args, name) is not None and objective not in objectives:
+            raise ValueError(f"{_flag(name)} does not apply to --objective {objective}; accepted with "
+                             f"--objective {' / '.join(objectives)}")
+    seed = 0 if args.seed is None else args.seed
+    if objective == "beta_vae":
+        beta = 1.0 if args.beta is None else args.beta
+        cfg = base_config(args.profile, seed).replace(objective={"name": "beta_vae", "beta": beta},
+                                                      label=f"beta-VAE {beta:g}")
     else:
-        cfg = method_config(_METHOD_OF_OBJECTIVE[args.objective], args.profile, args.target_rate, args.seed,
-                            free_bits_variant=args.free_bits_variant)
-    model, train = {}, {}
+        cfg = method_config(_METHOD_OF_OBJECTIVE[objective], args.profile, args.target_rate, seed,
+                            free_bits_variant=args.free_bits_variant or "example_dim")
+    data, model, train = {}, {}, {}
+    if args.corpus is not None:
+        data = _corpus_data(args.corpus)
     if args.injection:
         model["injection"] = args.injection
     if args.word_dropout is not None:
         model["word_dropout"] = args.word_dropout
     if args.max_steps is not None:
         train["max_steps"] = args.max_steps
+    if args.threads is not None:
+        train["num_threads"] = args.threads
     if args.mdr_lr is not None or args.mdr_lambda_init is not None:
-        objective = {}
+        objective_changes = {}
         if args.mdr_lr is not None:
-            objective["mdr_lr"] = args.mdr_lr
+            objective_changes["mdr_lr"] = args.mdr_lr
         if args.mdr_lambda_init is not None:
-            objective["mdr_lambda_init"] = args.mdr_lambda_init
-        cfg = cfg.replace(objective=objective)
-    return cfg.replace(model=model, train=train)
+            objective_changes["mdr_lambda_init"] = args.mdr_lambda_init
+        cfg = cfg.replace(objective=objective_changes)
+    return cfg.replace(data=data, model=model, train=train)
 
 
 def _summary(run) -> str:
@@ -62,6 +114,28 @@ def cmd_train(args) -> int:
     return 0
 
 
+def evaluation_report(run, result, seconds: float) -> str:
+    """The held-out numbers of one run as a small table, rounded, with units."""
+    r = result
+    rows = [
+        ("rate", f"{r.rate:.2f}", "nats per sentence"),
+        ("distortion", f"{r.distortion:.2f}", "nats per sentence"),
+        ("ELBO", f"{r.elbo:.2f}", f"nats per sentence ({r.elbo_per_token:.3f} per token)"),
+        (f"IW log-likelihood (K={r.iw_num_samples})", f"{r.iw_log_likelihood:.2f}",
+         f"nats per sentence, +- {r.iw_log_likelihood_se:.2f} (standard error, {r.iw_num_sentences:,} sentences)"),
+        ("perplexity", f"{r.iw_perplexity:.1f}",
+         f"per token, from the IW bound (ELBO bound: {r.perplexity_bound:.1f})"),
+        ("mutual information", f"{r.mutual_information:.2f}",
+         f"nats (ceiling log N = {r.mutual_information_ceiling:.2f}; leave-one-out {r.mutual_information_loo:.2f})"),
+        ("marginal KL", f"{r.marginal_kl:.2f}", f"nats (leave-one-out {r.marginal_kl_loo:.2f})"),
+        ("active units", f"{r.active_units}", f"of {len(r.kl_per_dimension)} latent dimensions"),
+    ]
+    width = max(len(name) for name, _, _ in rows)
+    head = (f"{r.label} (run {r.run_key}), {r.split} split: {r.num_sentences:,} sentences, {r.num_tokens:,} "
+            f"predicted tokens; evaluated in {seconds:.1f} s")
+    return "\n".join([head] + [f"  {name:<{width}}  {value:>9}  {unit}" for name, value, unit in rows])
+
+
 def cmd_evaluate(args) -> int:
     from .evaluation import evaluate_run
     from .runs import train_or_load
@@ -70,9 +144,14 @@ def cmd_evaluate(args) -> int:
     run = train_or_load(cfg, args.runs_dir, progress=not args.quiet)
     started = time.time()
     result = evaluate_run(run, args.profile, progress=not args.quiet)
-    keys = ("rate", "distortion", "elbo", "iw_log_likelihood", "mutual_information", "marginal_kl", "active_units")
-    print(f"evaluated in {time.time() - started:.1f} s")
-    print(json.dumps({"label": run.label, **{k: getattr(result, k) for k in keys}}))
+    seconds = time.time() - started
+    if args.json:
+        keys = ("rate", "distortion", "elbo", "iw_log_likelihood", "iw_perplexity", "mutual_information",
+                "marginal_kl", "active_units")
+        print(json.dumps({"label": run.label, "key": run.config.key,
+                          **{k: round(getattr(result, k), 3) for k in keys}, "seconds": round(seconds, 1)}))
+    else:
+        print(evaluation_report(run, result, seconds))
     return 0
 
 
@@ -80,18 +159,22 @@ def cmd_train_all(args) -> int:
     """Train (and, with ``--evaluate``, evaluate) every run of the book for a profile,
     ``--workers`` single-threaded processes at a time (on 2 cores, two 1-thread runs side by side
     beat one 2-thread run)."""
+    from .evaluation import evaluation_is_cached
     from .experiments import all_book_runs
-    from .runs import runs_dir
+    from .profiles import get_profile
+    from .runs import is_valid_run, runs_dir
 
+    for name in ("workers", "threads"):
+        value = getattr(args, name)
+        if value < 1:
+            raise ValueError(f"--{name} {value} is not accepted; accepted values: an integer >= 1")
     runs = all_book_runs(args.profile, args.seed)
     root = runs_dir(args.runs_dir)
-    from .evaluation import evaluation_key
-    from .profiles import get_profile
-
     size = get_profile(args.profile).estimators
-    trained = {label for label, cfg in runs.items() if (root / cfg.key).is_dir()}
+    # a damaged folder is not a trained run: the worker sets it aside and retrains it
+    trained = {label for label, cfg in runs.items() if is_valid_run(cfg, root)}
     evaluated = {label for label, cfg in runs.items()
-                 if (root / cfg.key / f"evaluation-{evaluation_key(cfg.key, size)}.json").is_file()}
+                 if label in trained and evaluation_is_cached(root / cfg.key, cfg.key, size)}
     todo = {label: cfg for label, cfg in runs.items()
             if label not in trained or (args.evaluate and label not in evaluated)}
     print(f"{len(runs)} runs in profile {args.profile!r}; {len(trained)} trained, "
@@ -107,7 +190,7 @@ def cmd_train_all(args) -> int:
         path.write_text(json.dumps(cfg.to_dict()))
         command = "evaluate" if args.evaluate else "train"
         cmd = [sys.executable, "-m", "tvae_core", command, "--config", str(path), "--quiet",
-               "--profile", args.profile]
+               "--profile", args.profile] + (["--json"] if args.evaluate else [])
         if args.runs_dir:
             cmd += ["--runs-dir", str(args.runs_dir)]
         started = time.time()
@@ -127,22 +210,29 @@ def cmd_train_all(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tvae_core", description=__doc__)
+    parser = argparse.ArgumentParser(prog="tvae", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train one run (or load it from the cache) and print its metrics")
     train.add_argument("--profile", default="default", choices=PROFILE_NAMES)
-    train.add_argument("--objective", default="vae", choices=OBJECTIVES)
-    train.add_argument("--target-rate", type=float, default=None, help="nats per sentence (fb, mdr, cyc_fb)")
-    train.add_argument("--free-bits-variant", default="example_dim", choices=FREE_BITS_VARIANTS)
-    train.add_argument("--beta", type=float, default=1.0, help="beta_vae only")
+    train.add_argument("--objective", default=None, choices=OBJECTIVES, help="default: vae")
+    train.add_argument("--target-rate", type=float, default=None, help="nats per sentence (fb, mdr, cyc_fb only)")
+    train.add_argument("--free-bits-variant", default=None, choices=FREE_BITS_VARIANTS,
+                       help="fb, cyc_fb only (default: example_dim)")
+    train.add_argument("--beta", type=float, default=None, help="beta_vae only (default: 1)")
     train.add_argument("--injection", default=None, choices=INJECTIONS)
     train.add_argument("--word-dropout", type=float, default=None)
     train.add_argument("--max-steps", type=int, default=None)
-    train.add_argument("--mdr-lr", type=float, default=None)
-    train.add_argument("--mdr-lambda-init", type=float, default=None)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--config", default=None, help="a RunConfig as JSON (overrides the flags above)")
+    train.add_argument("--mdr-lr", type=float, default=None, help="mdr only")
+    train.add_argument("--mdr-lambda-init", type=float, default=None, help="mdr only")
+    train.add_argument("--seed", type=int, default=None, help="default: 0")
+    train.add_argument("--corpus", default=None, metavar="PATH",
+                       help="a local corpus instead of PTB: a text file with one sentence per line (split "
+                            "90/5/5), or a folder with train.txt, valid.txt and test.txt")
+    train.add_argument("--threads", type=int, default=None,
+                       help="torch threads of training (train.num_threads, part of the run; default: 1)")
+    train.add_argument("--config", default=None, help="a RunConfig as JSON (instead of the flags above)")
     train.add_argument("--runs-dir", default=None)
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
@@ -151,7 +241,9 @@ def main(argv=None) -> int:
     train_all.add_argument("--profile", default="default", choices=PROFILE_NAMES)
     train_all.add_argument("--seed", type=int, default=0)
     train_all.add_argument("--workers", type=int, default=2)
-    train_all.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    train_all.add_argument("--threads", type=int, default=1,
+                           help="torch threads per worker for evaluation (training uses each run's "
+                                "train.num_threads)")
     train_all.add_argument("--runs-dir", default=None)
     train_all.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
                            help="also compute (and cache) each run's held-out evaluation")
@@ -162,6 +254,7 @@ def main(argv=None) -> int:
     for action in train._actions:
         if action.dest != "help":
             evaluate._add_action(action)
+    evaluate.add_argument("--json", action="store_true", help="one JSON line instead of the table")
     evaluate.set_defaults(func=cmd_evaluate)
 
     execute = sub.add_parser("execute", help="run every notebook with papermill into book/notebooks")
@@ -180,5 +273,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as err:  # bad parameters: one line naming the parameter, no traceback
-        parser.exit(2, f"error: {err}\n")
+    except (ValueError, FileNotFoundError) as err:  # bad parameters (missing files and weights included):
+        parser.exit(2, f"error: {err}\n")           # one line naming the parameter, no traceback
+    except FloatingPointError as err:  # train.TrainingDiverged, or an evaluation refused as non-finite
+        parser.exit(1, f"error: {err}\n")

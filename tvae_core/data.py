@@ -27,14 +27,14 @@ import json
 import logging
 import os
 import re
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .config import DataConfig
+from .cache import publish_dir, remove_dead_leftovers, set_aside, staging_path, verify_dir
+from .config import DataConfig, corpus_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -246,13 +246,16 @@ class Corpus:
 
 
 def _corpus_key(config: DataConfig, seed: int) -> str:
-    payload = json.dumps({"config": config.__dict__, "seed": seed, "format": 1}, sort_keys=True)
+    # the corpus content is part of the key: an edited corpus file is tokenised again
+    payload = json.dumps({"config": config.__dict__, "seed": seed, "format": 2,
+                          "corpus": corpus_fingerprint(config)}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def load_corpus(config: DataConfig, seed: int = 0, cache_dir: Path | None = DEFAULT_CACHE_DIR) -> Corpus:
     """Read, tokenise and cache a corpus (``datasets`` arrow files + tokenizer JSON under
-    ``cache_dir/<hash>``; written atomically, rebuilt if damaged)."""
+    ``cache_dir/corpus-<hash>``, the hash covering the corpus content; published atomically with
+    a checksummed manifest, verified on load, set aside and rebuilt if damaged)."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -260,14 +263,16 @@ def load_corpus(config: DataConfig, seed: int = 0, cache_dir: Path | None = DEFA
         raise ValueError("data.tokenizer='pretrained' corpora are built by tvae_core.pretrained.load_pretrained_corpus")
     key = _corpus_key(config, seed)
     target = Path(cache_dir) / f"corpus-{key}" if cache_dir is not None else None
+    if target is not None:
+        remove_dead_leftovers(target.parent, "corpus-")
     if target is not None and target.is_dir():
         try:
+            verify_dir(target, target.name, ("tokenizer.json",))
             vocab = Vocabulary.load(target / "tokenizer.json")
             splits = {s: datasets.load_from_disk(str(target / s)) for s in SPLITS}
             return Corpus(splits, vocab, config)
-        except Exception as err:  # damaged entry: report, remove, rebuild
-            log.warning("corpus cache %s is damaged (%s); rebuilding", target, err)
-            shutil.rmtree(target, ignore_errors=True)
+        except Exception as err:  # damaged entry: set aside (one warning naming it), rebuild
+            set_aside(target, str(err))
 
     raw = load_sentences(config, seed=seed)
     vocab = Vocabulary.from_word_tokenizer(train_word_tokenizer(raw["train"], config.vocab_size))
@@ -282,22 +287,19 @@ def load_corpus(config: DataConfig, seed: int = 0, cache_dir: Path | None = DEFA
 
 
 def publish_splits(splits: dict, target: Path, vocab=None) -> dict:
-    """Write tokenised splits (and the tokenizer, if given) to ``target`` atomically: a temporary
-    directory renamed into place, so a reader never sees half a cache entry. Returns the splits
+    """Write tokenised splits (and the tokenizer, if given) to ``target`` atomically: a staging
+    directory of this process, checksummed in a manifest whose key is ``target.name`` (it holds
+    the hash), renamed into place, so a reader never sees half a cache entry. Returns the splits
     reloaded from disk (memory-mapped)."""
     import datasets
 
-    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging_path(target)
     tmp.mkdir(parents=True)
     if vocab is not None:
         vocab.save(tmp / "tokenizer.json")
     for split, ds in splits.items():
         ds.save_to_disk(str(tmp / split))
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process won the race: use theirs
-        shutil.rmtree(tmp, ignore_errors=True)
+    publish_dir(tmp, target, target.name)  # another process may have won the race: then theirs is used
     return {s: datasets.load_from_disk(str(target / s)) for s in splits}
 
 

@@ -17,24 +17,35 @@ logits and log-softmax in float32; its measured effect is in :class:`~tvae_core.
 The IW bound runs ``torch.get_num_threads()`` batches at once, one thread each.
 
 Results are written next to the run (``evaluation-<key>.json`` + ``posterior-<key>.safetensors``)
-atomically; a damaged or stale entry is recomputed. Re-executing the book recomputes nothing.
+atomically. The key covers the run key, the estimator sizes, split, seed and a hash of the
+evaluation code (:data:`EVALUATION_SOURCES`). The JSON is checksummed and records the evaluation
+key, the run key and the SHA-256 of the weights and of the posterior file it came from
+(:mod:`tvae_core.cache`); on load all of them are checked, and so are the result's field types,
+finiteness and the posterior's shape, finiteness and positive scales. A damaged or stale entry is
+set aside with one warning naming the file and recomputed; nothing non-finite is published.
+Re-executing the book recomputes nothing.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import logging
-import os
 import time
+import typing
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
 from . import estimators as est
+from .cache import (DamagedCacheError, canonical_json, non_finite_numbers, read_checked_json, set_aside,
+                    sha256_file, source_fingerprint, staging_path, write_checked_json)
 from .data import iterate_batches
 from .device import module_device
 from .profiles import EstimatorSize, Profile, get_profile
-from .runs import Run, write_json_atomic
+from .runs import Run
 
 log = logging.getLogger(__name__)
 EVALUATION_FORMAT_VERSION = 4  # 2: IW batches bucketed by length, bfloat16 head option; 3: bfloat16 decoder, float32 target logit; 4: the compiled bfloat16 LM-head kernel (tvae_core.native)
@@ -100,11 +111,41 @@ def _evaluation_key(run: Run, size: EstimatorSize, split: str, seed: int) -> str
     return evaluation_key(run.config.key, size, split, seed)
 
 
+_PACKAGE_DIR = Path(__file__).resolve().parent
+# The code an evaluation's numbers depend on beyond the run itself (whose key covers the model)
+EVALUATION_SOURCES = ("evaluation.py", "lm_head.py", "estimators/__init__.py", "estimators/_checks.py",
+                      "estimators/aggregate.py", "estimators/bounds.py", "estimators/decomposition.py",
+                      "estimators/mmd.py", "estimators/units.py", "native/__init__.py", "native/lm_head_nll.cpp")
+
+
+@functools.lru_cache(maxsize=1)
+def evaluation_code_version() -> str:
+    """Hash of :data:`EVALUATION_SOURCES` (ASTs without docstrings; see
+    :func:`tvae_core.cache.source_fingerprint`): editing an estimator recomputes evaluations."""
+    fingerprint = source_fingerprint(_PACKAGE_DIR / name for name in EVALUATION_SOURCES)
+    return hashlib.sha256(canonical_json(fingerprint).encode()).hexdigest()[:16]
+
+
 def evaluation_key(run_key: str, size: EstimatorSize, split: str = "test", seed: int = 0) -> str:
-    """Cache key of a run's evaluation: the run, the estimator sizes, the split and the seed."""
+    """Cache key of a run's evaluation: the run, the estimator sizes, the split, the seed and the
+    evaluation code."""
     payload = {"run": run_key, "size": asdict(size), "split": split, "seed": seed,
-               "format": EVALUATION_FORMAT_VERSION}
+               "format": EVALUATION_FORMAT_VERSION, "code": evaluation_code_version()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def evaluation_is_cached(run_dir: Path, run_key: str, size: EstimatorSize, split: str = "test",
+                         seed: int = 0) -> bool:
+    """Whether ``run_dir`` holds an unaltered evaluation of these weights (checksums, keys and
+    the weights' hash; the model is not loaded)."""
+    key = evaluation_key(run_key, size, split, seed)
+    try:
+        stored = read_checked_json(run_dir / f"evaluation-{key}.json", key)
+        weights = json.loads((run_dir / "manifest.json").read_text())["files"]["model.safetensors"]
+        return (stored["run_key"] == run_key and stored["weights_sha256"] == weights
+                and sha256_file(run_dir / f"posterior-{key}.safetensors") == stored["posterior_sha256"])
+    except (DamagedCacheError, OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def evaluation_corpus(run: Run):
@@ -119,27 +160,83 @@ def posterior_parameters(run: Run, profile: str | Profile, split: str = "test", 
     size = (get_profile(profile) if isinstance(profile, str) else profile).estimators
     from safetensors.torch import load_file
 
-    tensors = load_file(str(run.path / f"posterior-{_evaluation_key(run, size, split, seed)}.safetensors"))
+    key = _evaluation_key(run, size, split, seed)
+    tensors = load_file(str(run.path / f"posterior-{key}.safetensors"))
     return tensors["loc"], tensors["scale"]
+
+
+def _check_result(result: RunEvaluation) -> None:
+    """Every field has its annotated type and every number is finite (ValueError naming them)."""
+    hints = typing.get_type_hints(RunEvaluation)
+    for f in dataclasses.fields(result):
+        value, expected = getattr(result, f.name), hints[f.name]
+        ok = (isinstance(value, bool) if expected is bool else
+              isinstance(value, int) and not isinstance(value, bool) if expected is int else
+              isinstance(value, (int, float)) and not isinstance(value, bool) if expected is float else
+              isinstance(value, expected))
+        if not ok:
+            raise ValueError(f"{f.name}={value!r} is not a {expected.__name__}")
+    bad = non_finite_numbers({k: v for k, v in result.as_dict().items() if k not in ("label", "run_key", "split")})
+    if bad:
+        raise ValueError(f"non-finite {bad}")
+
+
+def _check_posterior(loc: torch.Tensor, scale: torch.Tensor, num_sentences: int, latent_dim: int) -> None:
+    for name, t in (("loc", loc), ("scale", scale)):
+        if tuple(t.shape) != (num_sentences, latent_dim):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected [{num_sentences}, {latent_dim}]")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} is not finite")
+    if not bool((scale > 0).all()):
+        raise ValueError("scale is not positive")
+
+
+def _load_evaluation(run: Run, key: str, json_path: Path, tensor_path: Path) -> RunEvaluation:
+    """The cached evaluation, verified against its key, its run, its weights and its posterior
+    file; raises :class:`DamagedCacheError` naming the file otherwise."""
+    from safetensors.torch import load_file
+
+    stored = read_checked_json(json_path, key)
+    try:
+        if stored["run_key"] != run.config.key:
+            raise ValueError(f"comes from run {stored['run_key']!r}, not {run.config.key!r}")
+        if stored["weights_sha256"] != run.weights_sha256:
+            raise ValueError("comes from other weights than this run's model.safetensors")
+        result = RunEvaluation(**stored["result"])
+        _check_result(result)
+        if result.run_key != run.config.key:
+            raise ValueError(f"result of run {result.run_key!r}, not {run.config.key!r}")
+    except (ValueError, TypeError, KeyError) as err:
+        raise DamagedCacheError(f"{json_path}: {type(err).__name__}: {err}") from None
+    try:
+        if not tensor_path.is_file():
+            raise ValueError("missing")
+        if sha256_file(tensor_path) != stored["posterior_sha256"]:
+            raise ValueError("checksum mismatch (content changed after publishing)")
+        tensors = load_file(str(tensor_path))
+        _check_posterior(tensors["loc"], tensors["scale"], result.num_sentences, run.config.model.latent_dim)
+    except Exception as err:
+        raise DamagedCacheError(f"{tensor_path}: {type(err).__name__}: {err}") from None
+    return result
 
 
 def evaluate_run(run: Run, profile: str | Profile, split: str = "test", seed: int = 0, *,
                  progress: bool = True) -> RunEvaluation:
     """All held-out numbers of one run (cached next to the run; see the module docstring)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     p = get_profile(profile) if isinstance(profile, str) else profile
     size = p.estimators
     key = _evaluation_key(run, size, split, seed)
     json_path = run.path / f"evaluation-{key}.json"
     tensor_path = run.path / f"posterior-{key}.safetensors"
-    if json_path.is_file() and tensor_path.is_file():
+    if json_path.is_file() or tensor_path.is_file():
         try:
-            stored = json.loads(json_path.read_text())
-            load_file(str(tensor_path))
-            return RunEvaluation(**stored)
-        except Exception as err:  # damaged: recompute
-            log.warning("evaluation cache %s is damaged (%s); recomputing", json_path, err)
+            return _load_evaluation(run, key, json_path, tensor_path)
+        except DamagedCacheError as err:  # set aside (one warning naming the file), recompute
+            for path in (json_path, tensor_path):
+                if path.is_file():
+                    set_aside(path, str(err))
 
     started = time.time()
     model = run.model.eval()
@@ -196,8 +293,18 @@ def evaluate_run(run: Run, profile: str | Profile, split: str = "test", seed: in
         )
     finally:
         model.evaluation_dtype = previous_dtype
-    tmp = tensor_path.with_name(tensor_path.name + f".tmp-{os.getpid()}")
-    save_file({"loc": params.loc.contiguous(), "scale": params.scale.contiguous()}, str(tmp))
-    os.replace(tmp, tensor_path)
-    write_json_atomic(json_path, result.as_dict())
+    try:  # nothing non-finite (or of the wrong shape) is published
+        _check_result(result)
+        _check_posterior(params.loc, params.scale, result.num_sentences, run.config.model.latent_dim)
+    except ValueError as err:
+        raise FloatingPointError(f"evaluation of run {run.label} ({run.config.key}) is unusable: {err}; "
+                                 "not cached") from None
+    tmp = staging_path(tensor_path)
+    save_file({"loc": params.loc.contiguous(), "scale": params.scale.contiguous()}, str(tmp),
+              metadata={"key": key, "run_key": run.config.key})
+    posterior_sha256 = sha256_file(tmp)
+    tmp.replace(tensor_path)
+    write_checked_json(json_path, {"result": result.as_dict(), "run_key": run.config.key,
+                                   "weights_sha256": run.weights_sha256, "posterior_sha256": posterior_sha256},
+                       key)
     return result

@@ -194,6 +194,10 @@ def resolve_pretrained(name: str, cache_dir: str | Path | None = None) -> str:
         if not (target / "config.json").is_file():
             convert_gguf(path, gguf, target)
         return str(target)
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:  # a path, not a hub id
+        raise PretrainedWeightsMissing(f"model.encoder/model.decoder={name!r}: no such folder; accepted values: "
+                                       f"'scratch', a local folder with config.json or a .gguf file, a Hugging "
+                                       f"Face id, or {DEFAULT_ENCODER!r} / {DEFAULT_DECODER!r}")
     return name  # a hub id: from_pretrained finds it (online, or in the local hub cache)
 
 
@@ -456,9 +460,11 @@ class PretrainedCorpus(Corpus):
 
 
 def _pretrained_corpus_key(config: RunConfig) -> str:
-    payload = {"data": config.data.__dict__, "seed": config.train.seed, "format": 1,
+    from .config import corpus_fingerprint
+
+    payload = {"data": config.data.__dict__, "seed": config.train.seed, "format": 2,
                "decoder": config.model.decoder, "encoder": config.model.encoder,
-               "encoder_ids": needs_encoder_tokenizer(config)}
+               "encoder_ids": needs_encoder_tokenizer(config), "corpus": corpus_fingerprint(config.data)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -477,12 +483,14 @@ def load_pretrained_corpus(config: RunConfig, cache_dir: str | Path | None = DEF
     key = _pretrained_corpus_key(config)
     target = Path(cache_dir) / f"corpus-pretrained-{key}" if cache_dir is not None else None
     if target is not None and target.is_dir():
+        from .cache import set_aside, verify_dir
+
         try:
+            verify_dir(target, target.name)
             splits = {s: datasets.load_from_disk(str(target / s)) for s in SPLITS}
             return PretrainedCorpus(splits, vocab, config.data, encoder_tokenizer)
-        except Exception as err:  # damaged entry: report, remove, rebuild
-            log.warning("corpus cache %s is damaged (%s); rebuilding", target, err)
-            shutil.rmtree(target, ignore_errors=True)
+        except Exception as err:  # damaged entry: set aside (one warning naming it), rebuild
+            set_aside(target, str(err))
     raw = load_sentences(config.data, seed=config.train.seed)
     splits = {}
     for split in SPLITS:

@@ -1,14 +1,20 @@
-"""The run cache: ``data/runs/<key>/`` holds one finished run, named by the hash of its config.
+"""The run cache: ``data/runs/<key>/`` holds one finished run, named by its key
+(:attr:`tvae_core.config.RunConfig.key`: config, corpus content and training code).
 
 A finished run directory contains ``config.json``, ``model.safetensors``, ``tokenizer.json``,
-``history.json`` (training and validation curves), ``metrics.json`` (final validation metrics)
-and ``meta.json`` (format version, package versions, wall time). It is built in a temporary
-directory and renamed into place (atomic), so a reader never sees half a run. An entry that fails
-validation (missing file, truncated safetensors, config hash or format version mismatch) is
-reported, moved aside as ``<key>.damaged-<n>`` and retrained, never loaded.
+``history.json`` (training and validation curves), ``metrics.json`` (final validation metrics),
+``meta.json`` (format version, package versions, thread count, code hashes, wall time) and
+``manifest.json`` (the key and every file's SHA-256, :mod:`tvae_core.cache`). It is built in a
+per-process staging directory and renamed into place (atomic), so a reader never sees half a run.
+Loading verifies the manifest and then every file's content (parsable, finite, the right config);
+an entry that fails in any way is set aside as ``<key>.damaged-<n>`` with one warning naming the
+file, and retrained, never loaded. One process at a time trains or loads a key (a file lock), so
+two identical commands train once; staging folders of killed processes are removed.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -16,7 +22,11 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .cache import (DamagedCacheError, non_finite_numbers, non_finite_tensors, publish_dir, remove_dead_leftovers,
+                    set_aside, verify_dir)
+from .cache import write_json_atomic  # noqa: F401  (re-exported: train and evaluation publish with it)
 from .config import CACHE_FORMAT_VERSION, RunConfig
+from .device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -24,67 +34,110 @@ DEFAULT_RUNS_DIR = Path(os.environ.get("TVAE_RUNS_DIR", Path(__file__).resolve()
 RUN_FILES = ("config.json", "model.safetensors", "tokenizer.json", "history.json", "metrics.json", "meta.json")
 
 
-class DamagedRunError(RuntimeError):
-    """A cached run failed validation; the message says why."""
+class DamagedRunError(DamagedCacheError):
+    """A cached run failed validation; the message names the file and says why."""
 
 
 def runs_dir(root: str | Path | None = None) -> Path:
     return Path(root) if root is not None else DEFAULT_RUNS_DIR
 
 
-def write_json_atomic(path: Path, payload) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True, default=float))
-    os.replace(tmp, path)
-
-
-def validate_run_dir(path: Path, config: RunConfig) -> None:
-    """Raise :class:`DamagedRunError` unless ``path`` is a complete run of ``config``."""
-    from safetensors import safe_open
-
-    missing = [f for f in RUN_FILES if not (path / f).is_file()]
-    if missing:
-        raise DamagedRunError(f"{path}: missing {missing}")
+def _read_json(path: Path, kind: type):
     try:
-        meta = json.loads((path / "meta.json").read_text())
-        stored = json.loads((path / "config.json").read_text())
-        json.loads((path / "history.json").read_text())
-        json.loads((path / "metrics.json").read_text())
-    except json.JSONDecodeError as err:
+        value = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
         raise DamagedRunError(f"{path}: unreadable JSON ({err})") from None
+    if not isinstance(value, kind):
+        raise DamagedRunError(f"{path}: holds a {type(value).__name__}, not a {kind.__name__}")
+    return value
+
+
+def validate_run_dir(path: Path, config: RunConfig) -> dict:
+    """Raise :class:`DamagedRunError` unless ``path`` is a complete, unaltered run of ``config``;
+    returns its manifest. Checks: the manifest's key and checksums, then the content itself
+    (config hash, format version, finite metrics), so that a run published by older code or
+    edited together with its manifest is refused too."""
+    if path.name != config.key:
+        raise DamagedRunError(f"{path}: folder name does not match the requested key {config.key}")
+    try:
+        manifest = verify_dir(path, config.key, RUN_FILES)
+    except DamagedCacheError as err:
+        raise DamagedRunError(str(err)) from None
+    meta = _read_json(path / "meta.json", dict)
+    stored = _read_json(path / "config.json", dict)
+    history = _read_json(path / "history.json", dict)
+    metrics = _read_json(path / "metrics.json", dict)
     if meta.get("cache_format_version") != CACHE_FORMAT_VERSION:
-        raise DamagedRunError(f"{path}: cache format version {meta.get('cache_format_version')} != "
+        raise DamagedRunError(f"{path / 'meta.json'}: cache format version {meta.get('cache_format_version')} != "
                               f"{CACHE_FORMAT_VERSION}")
     try:
         stored_key = RunConfig.from_dict(stored).key
     except (TypeError, ValueError, KeyError) as err:
-        raise DamagedRunError(f"{path}: config.json does not describe a valid run ({err})") from None
-    if stored_key != config.key or path.name != config.key:
-        raise DamagedRunError(f"{path}: config hash {stored_key} does not match the requested {config.key}")
-    try:
-        with safe_open(str(path / "model.safetensors"), framework="pt") as handle:
-            for name in handle.keys():
-                handle.get_tensor(name)
-    except Exception as err:  # truncated or corrupt file
-        raise DamagedRunError(f"{path}: model.safetensors is unreadable ({err})") from None
+        raise DamagedRunError(f"{path / 'config.json'}: does not describe a valid run ({err})") from None
+    if stored_key != config.key:
+        raise DamagedRunError(f"{path / 'config.json'}: config hash {stored_key} does not match the requested "
+                              f"{config.key}")
+    if not isinstance(history.get("train"), list) or not isinstance(history.get("valid"), list):
+        raise DamagedRunError(f"{path / 'history.json'}: lacks the 'train' and 'valid' curves")
+    bad = non_finite_numbers(metrics)
+    if bad or not metrics:
+        raise DamagedRunError(f"{path / 'metrics.json'}: non-finite or missing values {bad or 'all'}")
+    return manifest
 
 
-def quarantine(path: Path, reason: str) -> Path:
+def quarantine(path: Path, reason: str) -> Path | None:
     """Move a damaged entry aside (kept for inspection, never loaded) and log why."""
-    n = 0
-    while (target := path.with_name(f"{path.name}.damaged-{n}")).exists():
-        n += 1
-    log.warning("run cache entry %s is damaged: %s; moved to %s and retraining", path, reason, target)
-    os.replace(path, target)
-    return target
+    return set_aside(path, reason)
 
 
-def finalize_run_dir(staging: Path, final: Path) -> None:
-    """Atomically publish a completed staging directory as the run ``final``."""
-    if final.exists():  # someone finished the same run first; theirs is equally valid
-        shutil.rmtree(staging, ignore_errors=True)
+def publish_run_dir(staging: Path, final: Path, key: str) -> None:
+    """Checksum and atomically publish a completed staging directory as the run ``final``; if
+    another process finished the same run first, theirs is kept (it is equally valid)."""
+    publish_dir(staging, final, key)
+
+
+def remove_leftovers(config: RunConfig, root: str | Path | None = None) -> None:
+    """Staging folders of killed processes for this key (its final folder, its checkpoints),
+    and the checkpoints of a run that was published but not cleaned up."""
+    root_dir = runs_dir(root)
+    remove_dead_leftovers(root_dir, f"{config.key}.")
+    partial = root_dir / f"{config.key}.partial"
+    remove_dead_leftovers(partial)
+    if partial.is_dir() and (root_dir / config.key / "manifest.json").is_file():
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def run_lock(config: RunConfig, root: str | Path | None = None):
+    """Hold the key's lock file (``<root>/_locks/<key>.lock``; released by the OS if the process
+    dies). Under ``torchrun`` only rank 0 takes it: the other ranks follow rank 0's training."""
+    if os.environ.get("RANK", "0") != "0":
+        yield
         return
-    os.replace(staging, final)
+    folder = runs_dir(root) / "_locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{config.key}.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("run %s is being trained by another process; waiting for it", config.key)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def is_valid_run(config: RunConfig, root: str | Path | None = None) -> bool:
+    """Whether a complete, unaltered run of ``config`` is cached (checksums; the model not loaded)."""
+    path = runs_dir(root) / config.key
+    if not path.is_dir():
+        return False
+    try:
+        validate_run_dir(path, config)
+    except DamagedRunError:
+        return False
+    return True
 
 
 @dataclass
@@ -98,6 +151,11 @@ class Run:
     history: dict
     metrics: dict
     meta: dict = field(default_factory=dict)
+    manifest: dict = field(default_factory=dict)   # key and SHA-256 of every file (tvae_core.cache)
+
+    @property
+    def weights_sha256(self) -> str | None:
+        return self.manifest.get("files", {}).get("model.safetensors")
 
     @property
     def label(self) -> str:
@@ -107,44 +165,65 @@ class Run:
 def load_run(config: RunConfig, root: str | Path | None = None, device: str | None = None) -> Run:
     """Load a finished run onto ``device`` (None: :func:`tvae_core.device.resolve_device`, the GPU
     when there is one); raises :class:`DamagedRunError` (or FileNotFoundError) otherwise."""
-    from safetensors.torch import load_model
+    path = runs_dir(root) / config.key
+    if not path.is_dir():
+        raise FileNotFoundError(f"no finished run for {config.label or config.key} in {path.parent}")
+    manifest = validate_run_dir(path, config)
+    try:
+        run = _load_verified_run(config, path, manifest)
+    except DamagedRunError:
+        raise
+    except Exception as err:  # any load failure of a checksummed entry: refuse it, never crash on it
+        raise DamagedRunError(f"{path}: cannot be loaded ({type(err).__name__}: {err})") from None
+    run.model.to(resolve_device(device))
+    return run
 
-    from .device import resolve_device
+
+def _load_verified_run(config: RunConfig, path: Path, manifest: dict) -> Run:
+    from safetensors.torch import load_model
 
     from .data import Vocabulary
     from .train import build_model
 
-    path = runs_dir(root) / config.key
-    if not path.is_dir():
-        raise FileNotFoundError(f"no finished run for {config.label or config.key} in {path.parent}")
-    validate_run_dir(path, config)
     vocab_type = Vocabulary
     if config.data.tokenizer == "pretrained":  # a Hugging Face tokenizer, its special ids stored alongside
         from .pretrained import PretrainedVocabulary as vocab_type
-    vocab = vocab_type.load(path / "tokenizer.json")
+    try:
+        vocab = vocab_type.load(path / "tokenizer.json")
+    except Exception as err:
+        raise DamagedRunError(f"{path / 'tokenizer.json'}: unreadable ({type(err).__name__}: {err})") from None
     model = build_model(config, vocab)
-    load_model(model, str(path / "model.safetensors"), strict=True, device="cpu")
-    model.to(resolve_device(device)).eval()
+    try:
+        load_model(model, str(path / "model.safetensors"), strict=True, device="cpu")
+    except Exception as err:
+        raise DamagedRunError(f"{path / 'model.safetensors'}: does not fit the model "
+                              f"({type(err).__name__}: {err})") from None
+    bad = non_finite_tensors(dict(model.named_parameters()))
+    if bad:
+        raise DamagedRunError(f"{path / 'model.safetensors'}: non-finite weights in {bad[:3]}")
+    model.eval()
     history = json.loads((path / "history.json").read_text())
     metrics = json.loads((path / "metrics.json").read_text())
     meta = json.loads((path / "meta.json").read_text())
-    return Run(config, path, model, vocab, history, metrics, meta)
+    return Run(config, path, model, vocab, history, metrics, meta, manifest)
 
 
 def train_or_load(config: RunConfig, root: str | Path | None = None, *, progress: bool = True,
                   device: str | None = None) -> Run:
     """The finished run for ``config``: loaded from the cache (onto ``device``, see
-    :func:`load_run`) if a valid entry exists, trained (resuming from its last checkpoint, if any)
-    otherwise."""
+    :func:`load_run`) if a valid entry exists, trained (resuming from its newest complete
+    checkpoint, if any) otherwise. A damaged entry is set aside with one warning and retrained."""
     from .train import train
 
     path = runs_dir(root) / config.key
-    if path.is_dir():
-        try:
-            run = load_run(config, root, device)
-            log.info("loaded cached run %s (%s)", config.key, config.label)
-            return run
-        except DamagedRunError as err:
-            quarantine(path, str(err))
-    train(config, root, progress=progress)
-    return load_run(config, root, device)
+    with run_lock(config, root):
+        remove_leftovers(config, root)
+        if path.is_dir():
+            try:
+                run = load_run(config, root, device)
+                log.info("loaded cached run %s (%s)", config.key, config.label)
+                return run
+            except DamagedRunError as err:
+                quarantine(path, str(err))
+        train(config, root, progress=progress)
+        return load_run(config, root, device)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import shutil
 import sys
@@ -25,12 +24,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .config import CACHE_FORMAT_VERSION, RunConfig, TrainConfig
+from .cache import (DamagedCacheError, non_finite_numbers, non_finite_tensors, publish_dir, set_aside, staging_path,
+                    verify_dir)
+from .config import (CACHE_FORMAT_VERSION, RunConfig, TrainConfig, corpus_fingerprint, training_code_fingerprint,
+                     training_code_version)
 from .data import Corpus, Vocabulary, iterate_batches, load_corpus
 from .device import module_device, move_batch, resolve_device, synchronize
 from .model import TransformerVAE
 from .objectives import LagrangeMultiplier, compute_loss
-from .runs import finalize_run_dir, runs_dir, write_json_atomic
+from .runs import publish_run_dir, runs_dir, write_json_atomic
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016): Var_x E_q[z_d] > 0.01
 
@@ -171,10 +173,26 @@ def validation_metrics(model: TransformerVAE, sequences: list[list[int]], pad_id
         "distortion": distortion.mean().item(),
         "elbo": -(rate + distortion).mean().item(),
         "nll_per_token_bound": ((rate + distortion).sum() / num_tokens).item(),
-        "perplexity_bound": math.exp(((rate + distortion).sum() / num_tokens).item()),
+        "perplexity_bound": _exp_or_inf(((rate + distortion).sum() / num_tokens).item()),
         "active_units": int((activity > ACTIVE_UNIT_THRESHOLD).sum().item()),
         "num_sentences": int(rate.shape[0]),
     }
+
+
+def _exp_or_inf(x: float) -> float:
+    """exp(x), inf past the float range (a diverged run's perplexity; refused by the caller)."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
+def _check_finite_metrics(step: int, metrics: dict, what: str = "validation") -> None:
+    bad = non_finite_numbers(metrics)
+    if bad:
+        raise TrainingDiverged(f"non-finite {what} {', '.join(bad)} at step {step} "
+                               f"({', '.join(f'{n}={metrics[n]}' for n in bad)}); "
+                               "lower train.learning_rate or check the data")
 
 
 def _check_finite(step: int, loss: torch.Tensor, terms: dict) -> None:
@@ -195,11 +213,33 @@ def _versions() -> dict:
 def train(config: RunConfig, root: str | Path | None = None, *, progress: bool = True) -> Path:
     """Train ``config`` to completion and publish it in the run cache; returns the run directory.
 
-    Checkpoints go to ``<root>/<key>.partial/`` every ``train.checkpoint_every`` steps; a later
-    call resumes from there.
+    Runs on ``train.num_threads`` torch threads (restored afterwards), so the numbers do not
+    depend on how the process was launched. Checkpoints go to ``<root>/<key>.partial/step-<n>/``
+    every ``train.checkpoint_every`` steps (the newest two are kept); a later call resumes from
+    the newest one that verifies. Nothing non-finite is published: a diverged run raises
+    :class:`TrainingDiverged` naming the step and the term.
     """
+    if config.train.mixed_precision == "fp16" and resolve_device().type != "cuda":
+        raise ValueError("train.mixed_precision='fp16' needs a CUDA GPU; accepted values on this machine: "
+                         "('no', 'bf16')")
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(config.train.num_threads)
+    try:
+        for _ in range(_MAX_RESUME_ATTEMPTS):
+            try:
+                return _train(config, root, progress=progress)
+            except _CheckpointUnusable:  # set aside; start again from the next older checkpoint
+                continue
+        return _train(config, root, progress=progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+_MAX_RESUME_ATTEMPTS = 3
+
+
+def _train(config: RunConfig, root: str | Path | None = None, *, progress: bool = True) -> Path:
     from accelerate import Accelerator
-    from safetensors.torch import save_model
 
     tc, oc = config.train, config.objective
     # the LR schedule counts optimiser steps, stepped by hand on synchronised steps only (Accelerate's
@@ -220,7 +260,6 @@ def train(config: RunConfig, root: str | Path | None = None, *, progress: bool =
     root_dir = runs_dir(root)
     final_dir = root_dir / config.key
     partial_dir = root_dir / f"{config.key}.partial"
-    checkpoint_dir = partial_dir / "checkpoint"
 
     torch.manual_seed(tc.seed)
     corpus = load_training_corpus(config)
@@ -234,9 +273,8 @@ def train(config: RunConfig, root: str | Path | None = None, *, progress: bool =
         optimizer, lambda s: min(1.0, (s + 1) / tc.lr_warmup_steps) if tc.lr_warmup_steps else 1.0)
     multiplier_opt = LagrangeMultiplier.make_optimizer(multiplier, oc.mdr_lr) if multiplier else None
 
-    start_step, history = 0, {"train": [], "valid": []}
-    if (checkpoint_dir / "state.json").is_file():
-        start_step, history = _load_checkpoint(checkpoint_dir, module, optimizer, scheduler, multiplier_opt)
+    start_step, history = _resume(partial_dir, config, module, optimizer, scheduler, multiplier_opt)
+    if start_step:
         accelerator.print(f"[tvae] resuming {config.label or config.key} from step {start_step}")
 
     module, optimizer = accelerator.prepare(module, optimizer)
@@ -296,34 +334,28 @@ def train(config: RunConfig, root: str | Path | None = None, *, progress: bool =
             with timer.paused():
                 if validate:
                     metrics = validation_metrics(raw_module.vae, valid_ids, vocab.pad_id, seed=tc.seed)
+                    _check_finite_metrics(done, metrics)
                     history["valid"].append({"step": done, **metrics})
                     module.train()
                 if checkpoint:
-                    _save_checkpoint(checkpoint_dir, done, history, raw_module, optimizer, scheduler,
+                    _save_checkpoint(partial_dir, config.key, done, history, raw_module, optimizer, scheduler,
                                      multiplier_opt)
     timer.stop()
     bar.close()
     accelerator.wait_for_everyone()
 
+    final_metrics = dict(history["valid"][-1])
+    if multiplier is not None:
+        final_metrics["mdr_lambda"] = raw_module.multiplier.value.item()
+    _check_publishable(tc.max_steps, final_metrics, raw_module)
     if accelerator.is_main_process:
-        staging = root_dir / f"{config.key}.tmp-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        raw_module.vae.eval()
-        save_model(raw_module.vae, str(staging / "model.safetensors"))
-        vocab.save(staging / "tokenizer.json")
-        write_json_atomic(staging / "config.json", config.to_dict())
-        write_json_atomic(staging / "history.json", history)
-        final_metrics = dict(history["valid"][-1])
-        if multiplier is not None:
-            final_metrics["mdr_lambda"] = raw_module.multiplier.value.item()
-        write_json_atomic(staging / "metrics.json", final_metrics)
-        write_json_atomic(staging / "meta.json", {
-            "cache_format_version": CACHE_FORMAT_VERSION, "key": config.key, "label": config.label,
-            "train_seconds_this_process": time.time() - started, "resumed_from_step": start_step,
-            "num_parameters": sum(p.numel() for p in raw_module.vae.parameters()),
-            "num_processes": world, "versions": _versions(), "timing": timer.summary()})
-        finalize_run_dir(staging, final_dir)
+        meta = {"cache_format_version": CACHE_FORMAT_VERSION, "key": config.key, "label": config.label,
+                "train_seconds_this_process": time.time() - started, "resumed_from_step": start_step,
+                "num_parameters": sum(p.numel() for p in raw_module.vae.parameters()),
+                "num_processes": world, "num_threads": torch.get_num_threads(), "versions": _versions(),
+                "corpus_sha256": corpus_fingerprint(config.data), "code_version": training_code_version(),
+                "code_sha256": training_code_fingerprint(), "timing": timer.summary()}
+        _publish_run(config, root_dir, raw_module.vae, vocab, history, final_metrics, meta)
         shutil.rmtree(partial_dir, ignore_errors=True)
         accelerator.print(f"[tvae] run {config.label or config.key} stored in {final_dir}")
     accelerator.wait_for_everyone()
@@ -347,38 +379,136 @@ def _global_diagnostics(accelerator, diagnostics: dict, multiplier) -> dict:
     return out
 
 
-def _save_checkpoint(directory: Path, step, history, module, optimizer, scheduler, multiplier_opt) -> None:
-    """Atomic checkpoint: weights in safetensors, optimiser state via torch.save of plain tensors
-    (our own file, reloaded with ``weights_only=True``), counters and curves in JSON."""
+def _check_publishable(step: int, final_metrics: dict, module: nn.Module) -> None:
+    _check_finite_metrics(step, final_metrics, "final metric")
+    bad = non_finite_tensors(dict(module.named_parameters()))
+    if bad:
+        raise TrainingDiverged(f"non-finite weights {bad[:3]} after step {step}; lower train.learning_rate")
+
+
+def _publish_run(config: RunConfig, root_dir: Path, vae: TransformerVAE, vocab, history: dict, metrics: dict,
+                 meta: dict) -> Path:
+    """Write the run's files into a staging folder of this process and publish it, checksummed,
+    as ``root_dir/<key>`` (:func:`tvae_core.runs.publish_run_dir`)."""
     from safetensors.torch import save_model
 
-    staging = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
+    final_dir = root_dir / config.key
+    staging = staging_path(final_dir)
     staging.mkdir(parents=True)
+    vae.eval()
+    save_model(vae, str(staging / "model.safetensors"))
+    vocab.save(staging / "tokenizer.json")
+    write_json_atomic(staging / "config.json", config.to_dict())
+    write_json_atomic(staging / "history.json", history)
+    write_json_atomic(staging / "metrics.json", metrics)
+    write_json_atomic(staging / "meta.json", meta)
+    publish_run_dir(staging, final_dir, config.key)
+    return final_dir
+
+
+CHECKPOINT_FILES = ("module.safetensors", "optimizer.pt", "history.json", "state.json")
+_KEEP_CHECKPOINTS = 2  # the newest two: if the newest is damaged, resume from the one before
+
+
+class _CheckpointUnusable(RuntimeError):
+    """A verified checkpoint could still not be applied; it has been set aside."""
+
+
+def _checkpoints(partial_dir: Path) -> list[Path]:
+    """Complete checkpoint folders ``step-<n>`` (published atomically), newest first."""
+    if not partial_dir.is_dir():
+        return []
+    found = [p for p in partial_dir.iterdir() if p.is_dir() and p.name.startswith("step-")
+             and p.name[len("step-"):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len("step-"):]), reverse=True)
+
+
+def _save_checkpoint(partial_dir: Path, key: str, step, history, module, optimizer, scheduler,
+                     multiplier_opt) -> None:
+    """Checkpoint ``partial_dir/step-<step>``: weights in safetensors, optimiser state via
+    torch.save of plain tensors (our own file, reloaded with ``weights_only=True``), counters and
+    curves in JSON, all checksummed in a manifest; built in a staging folder of this process and
+    renamed into place, so no moment exists without a complete checkpoint. Non-finite weights
+    are never checkpointed."""
+    from safetensors.torch import save_model
+
+    bad = non_finite_tensors(dict(module.named_parameters()))  # parameters: a buffer may hold a NaN sentinel
+    if bad:
+        raise TrainingDiverged(f"non-finite weights {bad[:3]} after step {step}; lower train.learning_rate")
+    partial_dir.mkdir(parents=True, exist_ok=True)
+    final = partial_dir / f"step-{step:09d}"
+    staging = staging_path(final)
+    staging.mkdir()
     save_model(module, str(staging / "module.safetensors"))
     optim_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
     if multiplier_opt is not None:
         optim_state["multiplier_optimizer"] = multiplier_opt.state_dict()
     torch.save(optim_state, staging / "optimizer.pt")
     write_json_atomic(staging / "history.json", history)
-    write_json_atomic(staging / "state.json", {"step": step})  # written last: marks completeness
-    old = directory.with_name(directory.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if directory.exists():
-        os.replace(directory, old)
-    os.replace(staging, directory)
-    shutil.rmtree(old, ignore_errors=True)
+    write_json_atomic(staging / "state.json", {"step": step})
+    if final.exists():  # a rerun reached the same step: replace it
+        shutil.rmtree(final, ignore_errors=True)
+    publish_dir(staging, final, key)
+    for old in _checkpoints(partial_dir)[_KEEP_CHECKPOINTS:]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(directory: Path, module, optimizer, scheduler, multiplier_opt):
+def _read_checkpoint(folder: Path, key: str, module: nn.Module, max_steps: int):
+    """Everything of one checkpoint, verified (checksums, step, tensor names/shapes/finiteness,
+    history), before anything is applied; raises :class:`DamagedCacheError` naming the file."""
+    from safetensors.torch import load_file
+
+    verify_dir(folder, key, CHECKPOINT_FILES)
+    name = folder / "state.json"
+    try:
+        step = json.loads(name.read_text())["step"]
+        if not isinstance(step, int) or isinstance(step, bool) or not 0 < step < max_steps:
+            raise ValueError(f"step {step!r} outside 1..{max_steps - 1}")
+        name = folder / "history.json"
+        history = json.loads(name.read_text())
+        if not isinstance(history.get("train"), list) or len(history["train"]) != step:
+            raise ValueError(f"the training curve does not have {step} entries")
+        name = folder / "module.safetensors"
+        tensors = load_file(str(name))
+        expected = module.state_dict()
+        # safetensors stores a tied tensor once: a name may be absent if it shares storage with one present
+        present = {expected[k].data_ptr() for k in tensors if k in expected}
+        if not set(tensors) <= set(expected) or any(tensors[k].shape != expected[k].shape for k in tensors) \
+                or any(expected[k].data_ptr() not in present for k in set(expected) - set(tensors)):
+            raise ValueError("tensor names or shapes do not match the model")
+        parameters = dict(module.named_parameters())
+        if non_finite_tensors({k: t for k, t in tensors.items() if k in parameters}):
+            raise ValueError("non-finite weights")
+        name = folder / "optimizer.pt"
+        optim_state = torch.load(name, weights_only=True)
+        if not isinstance(optim_state, dict) or not {"optimizer", "scheduler"} <= set(optim_state):
+            raise ValueError("not an optimiser state")
+    except DamagedCacheError:
+        raise
+    except Exception as err:
+        raise DamagedCacheError(f"{name}: unusable ({type(err).__name__}: {err})") from None
+    return step, tensors, optim_state, history
+
+
+def _resume(partial_dir: Path, config: RunConfig, module, optimizer, scheduler, multiplier_opt):
+    """``(step, history)`` of the newest checkpoint that verifies, applied to the given objects;
+    ``(0, empty history)`` if none does. Damaged checkpoints are set aside with one warning each."""
     from safetensors.torch import load_model
 
-    step = json.loads((directory / "state.json").read_text())["step"]
-    load_model(module, str(directory / "module.safetensors"), strict=True)
-    state = torch.load(directory / "optimizer.pt", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if multiplier_opt is not None:
-        multiplier_opt.load_state_dict(state["multiplier_optimizer"])
-    history = json.loads((directory / "history.json").read_text())
-    return step, history
+    for folder in _checkpoints(partial_dir):
+        try:
+            step, _, optim_state, history = _read_checkpoint(folder, config.key, module, config.train.max_steps)
+        except DamagedCacheError as err:
+            set_aside(folder, str(err))
+            continue
+        try:
+            load_model(module, str(folder / "module.safetensors"), strict=True)
+            optimizer.load_state_dict(optim_state["optimizer"])
+            scheduler.load_state_dict(optim_state["scheduler"])
+            if multiplier_opt is not None:
+                multiplier_opt.load_state_dict(optim_state["multiplier_optimizer"])
+        except Exception as err:  # partly applied: start again on fresh objects
+            set_aside(folder, f"cannot be applied ({type(err).__name__}: {err})")
+            raise _CheckpointUnusable(str(folder)) from None
+        return step, history
+    return 0, {"train": [], "valid": []}

@@ -91,6 +91,8 @@ def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor, bandwidths: Sequence[float])
     """Unbiased MMD^2 (Gretton et al., 2012, eq. 3) with the mean of Gaussian kernels over
     ``bandwidths``. Unbiased for MMD^2 (so it can be slightly negative); cost O((n+m)^2 D)."""
     _check_samples(x, y)
+    if len(bandwidths) == 0:
+        raise ValueError("bandwidths=[] is not accepted; accepted values: a non-empty sequence of numbers > 0")
     for h in bandwidths:
         check_positive_float("every bandwidth", h)
     squared = _squared_distances(torch.cat([x, y]).double())
