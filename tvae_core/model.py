@@ -393,3 +393,77 @@ class TransformerVAE(nn.Module):
         if return_logits:
             return result, torch.stack(step_logits, dim=1)
         return result
+
+    # ------------------------------------------------------------------ Hugging Face-style files
+    PRETRAINED_CONFIG = "config.json"
+    PRETRAINED_WEIGHTS = "model.safetensors"
+
+    def save_pretrained(self, directory) -> "Path":
+        """Write ``config.json`` (the :class:`~tvae_core.config.ModelConfig`, the special token ids
+        and the encoder's and decoder's own Hugging Face configs) and ``model.safetensors`` into
+        ``directory``, the layout of ``PreTrainedModel.save_pretrained``; :meth:`from_pretrained`
+        reads it back without the run's configuration or the original pretrained weights.
+        Returns the directory."""
+        import dataclasses
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import save_model
+
+        if self.config.encoder == "shared":
+            # the encoder is the decoder's own network: rebuilding it from two configs would
+            # silently untie the weights
+            raise ValueError("save_pretrained does not support model.encoder='shared'; accepted: an encoder "
+                             "of its own ('scratch' or a Hugging Face id/path)")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "model_type": "tvae_core.TransformerVAE",
+            "model_config": dataclasses.asdict(self.config),
+            "special_ids": {"pad_id": self.pad_id, "bos_id": self.bos_id, "eos_id": self.eos_id,
+                            "unk_id": self.unk_id},
+            "encoder_config": self.encoder.config.to_dict() if self.uses_latent else None,
+            "decoder_config": self.decoder.config.to_dict(),
+        }
+        (directory / self.PRETRAINED_CONFIG).write_text(json.dumps(payload, indent=1, sort_keys=True, default=str))
+        save_model(self, str(directory / self.PRETRAINED_WEIGHTS))  # tied tensors stored once
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory, device: str = "cpu") -> "TransformerVAE":
+        """The model :meth:`save_pretrained` wrote to ``directory``, in evaluation mode. The encoder
+        and decoder are rebuilt from their stored Hugging Face configs (``AutoModel`` /
+        ``AutoModelForCausalLM.from_config``), so no hub access is needed."""
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import load_model
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+        from .config import ModelConfig
+
+        directory = Path(directory)
+        payload = json.loads((directory / cls.PRETRAINED_CONFIG).read_text())
+        if payload.get("model_type") != "tvae_core.TransformerVAE":
+            raise ValueError(f"{directory / cls.PRETRAINED_CONFIG} was not written by TransformerVAE.save_pretrained")
+        config = ModelConfig(**payload["model_config"])
+
+        def hf_config(stored: dict):
+            stored = dict(stored)
+            return AutoConfig.for_model(stored.pop("model_type"), **stored)
+
+        from safetensors import safe_open
+
+        with safe_open(str(directory / cls.PRETRAINED_WEIGHTS), framework="pt") as handle:
+            stored_names = list(handle.keys())
+        encoder = None
+        if payload["encoder_config"] is not None:
+            kwargs = {}
+            if payload["encoder_config"].get("model_type") in ("bert", "roberta"):
+                # scratch encoders are built without BERT's pooler; pretrained ones may have it
+                kwargs["add_pooling_layer"] = any(n.startswith("encoder.pooler.") for n in stored_names)
+            encoder = AutoModel.from_config(hf_config(payload["encoder_config"]), **kwargs)
+        decoder = AutoModelForCausalLM.from_config(hf_config(payload["decoder_config"]))
+        model = cls(config, encoder, decoder, **payload["special_ids"])
+        load_model(model, str(directory / cls.PRETRAINED_WEIGHTS), strict=True, device=device)
+        return model.eval()

@@ -29,6 +29,30 @@ def _accepts(expected, value) -> bool:
     return True
 
 
+def _parse_literal(name: str, text: str):
+    import ast
+
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise TypeError(f"parameter {name}={text!r} is not a Python literal list, e.g. [2, 6]") from None
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def apply_target_rates(profile, target_rates):
+    """``profile`` with its target rates replaced by ``target_rates`` (nats per sentence), or
+    unchanged when the list is empty: the notebooks' ``target_rates`` parameter."""
+    import dataclasses
+
+    if not target_rates:
+        return profile
+    rates = tuple(float(r) for r in target_rates)
+    if any(not r > 0 for r in rates):
+        raise ValueError(f"parameter target_rates={list(target_rates)!r} is not accepted; accepted values: "
+                         "positive rates in nats per sentence")
+    return dataclasses.replace(profile, target_rates=rates)
+
+
 def check_parameters(namespace: dict, choices: dict[str, tuple] | None = None) -> dict:
     """Check every annotated parameter in ``namespace`` (a notebook's ``globals()``).
 
@@ -44,6 +68,9 @@ def check_parameters(namespace: dict, choices: dict[str, tuple] | None = None) -
         if name not in namespace:
             continue
         value = namespace[name]
+        if isinstance(value, str) and typing.get_origin(expected) in (list, tuple):
+            # `papermill -p target_rates "[2, 6]"` passes the list as its text: read it as a literal
+            value = namespace[name] = _parse_literal(name, value)
         if not _accepts(expected, value):
             raise TypeError(f"parameter {name}={value!r} has type {type(value).__name__}; expected {expected}")
         values[name] = value

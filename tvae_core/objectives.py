@@ -20,11 +20,13 @@ Free bits, three named variants (target rate r nats per sequence, lambda = r / D
 * ``example_dim`` (Li et al., 2020, Optimus; the thesis): mean_b sum_d max(lambda, KL_bd)
 * ``batch_dim`` (Kingma et al., 2016): sum_d max(lambda, mean_b KL_bd)
 * ``total``: max(r, mean_b sum_d KL_bd)
+
 Below the threshold the KL gradient is exactly zero, for the unit the variant clamps.
 
 Minimum desired rate (Pelsmaeker & Aziz, 2019)
 ----------------------------------------------
     min_{theta,phi} max_{lambda >= 0}  D + R + lambda (r - R)
+
 with lambda = softplus(u) updated by gradient *ascent* on u with its own optimiser
 (:class:`LagrangeMultiplier`). lambda rises while R < r and falls when R > r; once R >= r the
 constraint is slack and lambda -> 0, leaving the ELBO.

@@ -26,11 +26,13 @@ from .cache import (DamagedCacheError, non_finite_numbers, non_finite_tensors, p
                     set_aside, verify_dir)
 from .cache import write_json_atomic  # noqa: F401  (re-exported: train and evaluation publish with it)
 from .config import CACHE_FORMAT_VERSION, RunConfig
+from .data import default_data_dir
 from .device import resolve_device
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RUNS_DIR = Path(os.environ.get("TVAE_RUNS_DIR", Path(__file__).resolve().parent.parent / "data" / "runs"))
+# TVAE_RUNS_DIR, else the checkout's data/runs, else the user's cache (data.default_data_dir)
+DEFAULT_RUNS_DIR = Path(os.environ.get("TVAE_RUNS_DIR", default_data_dir() / "runs"))
 RUN_FILES = ("config.json", "model.safetensors", "tokenizer.json", "history.json", "metrics.json", "meta.json")
 
 
@@ -206,6 +208,16 @@ def _load_verified_run(config: RunConfig, path: Path, manifest: dict) -> Run:
     metrics = json.loads((path / "metrics.json").read_text())
     meta = json.loads((path / "meta.json").read_text())
     return Run(config, path, model, vocab, history, metrics, meta, manifest)
+
+
+def export_pretrained(run: Run, directory: str | Path | None = None) -> Path:
+    """Save ``run``'s model in the Hugging Face layout (:meth:`TransformerVAE.save_pretrained`)
+    with its tokenizer, by default into ``<run folder>/pretrained/`` next to the cached run;
+    ``TransformerVAE.from_pretrained`` loads it back. Returns the folder."""
+    target = Path(directory) if directory is not None else run.path / "pretrained"
+    run.model.save_pretrained(target)
+    run.vocab.save(target / "tokenizer.json")
+    return target
 
 
 def train_or_load(config: RunConfig, root: str | Path | None = None, *, progress: bool = True,

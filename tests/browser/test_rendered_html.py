@@ -57,6 +57,69 @@ def test_intro_page_typesets_math_offline(browser):
     assert _external_requests(browser) == []
 
 
+def _pages() -> list[str]:
+    """Every page of the rendered book (the search and index pages aside)."""
+    if not HTML.is_dir():
+        return []
+    skip = {"search.html", "genindex.html", "py-modindex.html"}
+    return sorted(str(p.relative_to(HTML)) for p in HTML.rglob("*.html")
+                  if p.name not in skip and not any(part.startswith("_") for part in p.relative_to(HTML).parts))
+
+
+# a display equation is clipped when it is wider than its box and the box does not scroll
+_CLIPPED_MATH = """
+return Array.from(document.querySelectorAll('.MathJax_Display, div.math')).filter(e => {
+  const box = e.closest('div.math') || e;
+  const style = getComputedStyle(box);
+  const scrolls = ['auto', 'scroll'].includes(style.overflowX);
+  return e.scrollWidth > box.clientWidth + 2 && !scrolls;
+}).map(e => e.textContent.slice(0, 80));
+"""
+
+
+def _load(browser, page):
+    browser.set_window_size(1400, 1000)   # the width at which equations were clipped
+    browser.get((HTML / page).as_uri())
+    # Sphinx loads MathJax only on pages with math (not, e.g., the API reference)
+    if browser.execute_script("return !!document.querySelector('script[src*=\"MathJax.js\"]')"):
+        _typeset_math(browser)
+
+
+def _mark_if_stale(request, page):
+    """A notebook page whose committed execution predates the source notebook's exercises (and
+    with them its alt text, hidden cells and plain-text table headers) shows those only after
+    the book is re-executed (`make execute`, `make book-pretrained`)."""
+    import json
+
+    path = ROOT / "book" / Path(page).with_suffix(".ipynb")
+    if path.is_file() and not any(c.get("metadata", {}).get("exercise") for c in json.loads(path.read_text())["cells"]):
+        request.applymarker(pytest.mark.xfail(reason=f"{path.name} predates its source's changes: re-execute the book",
+                                              strict=False))
+
+
+@pytest.mark.parametrize("page", _pages() or ["intro.html"])
+def test_every_page_typesets_math_without_clipping(browser, page):
+    _load(browser, page)
+    assert browser.execute_script(_CLIPPED_MATH) == []
+
+
+@pytest.mark.parametrize("page", _pages() or ["intro.html"])
+def test_every_page_loads_its_images_with_alt_text_and_leaks_nothing(browser, page, request):
+    _mark_if_stale(request, page)
+    _load(browser, page)
+    images = browser.execute_script(
+        "return Array.from(document.querySelectorAll('main img')).map(i => [i.complete, i.naturalWidth, i.alt, i.src])")
+    assert all(complete and width > 0 for complete, width, _, _ in images), images
+    # alt text says what the figure shows, not the image's file name (a hash)
+    assert all(alt and not src.endswith(alt) and not alt.endswith((".png", ".svg")) for _, _, alt, src in images), images
+    text = browser.execute_script("return document.querySelector('main').innerText")
+    # raw TeX left on the page: math that MathJax did not typeset (a DataFrame header, say)
+    assert "\\(" not in text and "\\sim" not in text, page
+    for leak in (str(ROOT), "Warning", " it/s"):
+        assert leak not in text, f"{page} shows {leak!r}"
+    assert _external_requests(browser) == []
+
+
 @pytest.mark.parametrize("page", ["notebooks/00_exact_vae.html", "notebooks/02_free_bits_vs_mdr.html"])
 def test_notebook_page_has_math_and_loaded_figures(browser, page):
     browser.get((HTML / page).as_uri())

@@ -248,6 +248,7 @@ def iw_log_likelihood_ladder(model, batch: Mapping[str, torch.Tensor],
       K (nested prefixes), so the curve over K is monotone in expectation and cheap to draw.
     * cost: one encoder pass, max(ladder) decoder evaluations in chunks of ``chunk_size``
       samples; memory is that of ``chunk_size`` x B decoder passes, never K x B.
+
     Returns ``[L, B]`` in float64, row l for ``num_samples_ladder[l]``.
     """
     ladder = check_ladder("num_samples_ladder", num_samples_ladder)

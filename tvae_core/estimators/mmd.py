@@ -109,7 +109,7 @@ def mmd_permutation_test(x: torch.Tensor, y: torch.Tensor, *,
                          permutation_chunk: int = 100) -> MMDTestResult:
     """Two-sample test of H0: x and y come from the same distribution (e.g. q(z) vs p(z)).
 
-    Statistic: unbiased MMD^2 with k = mean over h in ``bandwidths`` of exp(-|a-b|^2 / (2 h^2)),
+    Statistic: unbiased MMD^2 with k = mean over h in ``bandwidths`` of ``exp(-|a-b|^2 / (2 h^2))``,
     h = median heuristic x ``bandwidth_multipliers`` unless ``bandwidths`` is given. The mean of
     Gaussian kernels is characteristic, so the test is consistent against every alternative.
     p-value by ``num_permutations`` random relabellings of the pooled sample (exact level, up to

@@ -11,6 +11,7 @@ from .bounds import plot_bound_decomposition, plot_estimator_comparison, plot_es
 from .training import (method_of_label, plot_achieved_vs_target, plot_elbo_vs_rate, plot_kl_per_dimension, plot_multiplier_trajectories, plot_rate_against_target, plot_rate_distortion_plane, plot_run_dots, plot_training_curves, run_styles, shades, smooth)  # noqa: E501
 from .latent import (method_of, plot_elbo_landscape, plot_kl_decomposition_by_run, plot_latent_histogram, plot_latent_histograms, plot_mi_bounds_by_run, plot_mixing_weights, plot_terms_along_path, plot_versus_rate)  # noqa: E501
 from .style import (
+    COLUMN_WIDTH,
     ESTIMATOR_COLOURS,
     FIGURE_SIZES,
     METHOD_COLOURS,
@@ -22,4 +23,5 @@ from .style import (
     method_colour,
     new_figure,
     set_style,
+    symlog_axis,
 )

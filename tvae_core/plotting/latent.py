@@ -19,7 +19,7 @@ import numpy as np
 from matplotlib.collections import LineCollection
 
 from .style import (METHOD_COLOURS, METHOD_MARKERS, OKABE_ITO, TERM_COLOURS, TERM_LABELS, finish_axes,
-                    new_figure)
+                    new_figure, symlog_axis)
 from .training import method_of_label
 
 WEIGHT_COLOUR_MAP = "mako_r"       # mixing weights in [0, 1]: light = 0, dark = 1
@@ -211,8 +211,10 @@ def plot_versus_rate(rates, values, labels: Sequence[str], ax=None, errors=None,
         seen.add(method)
     ax.axhline(0.0, color="black", lw=0.6)
     if symlog:
-        ax.set_xscale("symlog", linthresh=linthresh)
-        ax.set_yscale("symlog", linthresh=linthresh)
+        symlog_axis(ax, "x", linthresh)
+        symlog_axis(ax, "y", linthresh)
+    for collection in ax.collections:   # a marker at the edge (the AE, far right) is drawn whole
+        collection.set_clip_on(False)
     ax.set_xlabel("rate $R$ (nats)")
     ax.set_ylabel(ylabel)
     if title:
@@ -293,7 +295,7 @@ def plot_kl_decomposition_by_run(labels: Sequence[str], total_correlation, dimen
         ax.barh(ys, values, height=height, color=colours[name], label=name)
     ax.axvline(0.0, color="black", lw=0.8)
     if symlog:
-        ax.set_xscale("symlog", linthresh=linthresh)
+        symlog_axis(ax, "x", linthresh)
     ax.set_yticks(np.arange(len(labels))[::-1], list(labels), fontsize=8)
     ax.set_xlabel("nats")
     if title:

@@ -10,10 +10,14 @@ import seaborn as sns
 # ------------------------------------------------------------------------------ style and palettes
 OKABE_ITO = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")
 
+# The book's text column is ~7.5 in wide at 100 dpi (sphinx-book-theme, a 1,400 px window): a
+# figure up to COLUMN_WIDTH is shown at 100 % and its 9-11 pt text stays readable; a 16 in wide
+# figure was shrunk to 48 %.
+COLUMN_WIDTH = 7.5
 FIGURE_SIZES = {                      # inches, for one panel (multi-panel figures scale by ncols/nrows)
     "single": (6.0, 4.0),             # one plot across the text column
-    "wide": (10.0, 4.0),              # a row of 2-3 panels
-    "panel": (3.6, 3.0),              # one panel of a grid
+    "wide": (7.5, 3.4),               # a row of 2-3 panels
+    "panel": (3.6, 3.0),              # one panel of a grid (the grid is capped at COLUMN_WIDTH)
     "bar": (7.0, 3.0),                # horizontal bar charts (a few rows)
 }
 
@@ -42,14 +46,38 @@ ESTIMATOR_COLOURS = {                 # estimators compared against exact answer
 }
 
 
+def _format_number(value: float) -> str:
+    """Tables show 4 significant digits: 129.499384 -> 129.5, 3.831112e-03 -> 0.003831; round-off
+    residues (|x| < 1e-9, e.g. 1.776357e-14) are shown as 0."""
+    if value != value or value in (float("inf"), float("-inf")):
+        return str(value)
+    if abs(value) < 1e-9:
+        return "0"
+    if abs(value) < 1e-4 or abs(value) >= 1e6:
+        return f"{value:.2e}"
+    return f"{value:.4g}"
+
+
 def set_style() -> None:
-    """The book's matplotlib/seaborn style; call once per notebook before plotting."""
+    """The book's output style; call once per notebook before plotting: the matplotlib/seaborn
+    style, figures as SVG (sharp at any zoom; the book's renderer prefers SVG to PNG) and
+    pandas tables rounded to 4 significant digits."""
+    import pandas as pd
+
+    try:
+        from matplotlib_inline.backend_inline import set_matplotlib_formats
+
+        set_matplotlib_formats("svg")
+    except ImportError:  # no IPython display machinery (a plain script): nothing to configure
+        pass
+    pd.set_option("display.float_format", _format_number)
     sns.set_theme(style="whitegrid", context="notebook", palette=list(OKABE_ITO))
     plt.rcParams.update({
         "figure.figsize": FIGURE_SIZES["single"], "figure.dpi": 100, "savefig.dpi": 150,
         "savefig.bbox": "tight", "axes.titlesize": 12, "axes.labelsize": 11,
         "legend.fontsize": 9, "legend.frameon": False, "axes.spines.top": False,
         "axes.spines.right": False,
+        "svg.fonttype": "none",   # text stays text in the SVG: searchable, and smaller files
     })
 
 
@@ -60,6 +88,8 @@ def new_figure(kind: str = "single", ncols: int = 1, nrows: int = 1, **kwargs):
     width, height = FIGURE_SIZES[kind]
     if kind in ("panel", "bar"):
         width, height = width * ncols, height * nrows
+        if width > COLUMN_WIDTH:   # a grid wider than the column: shrink the panels, not the text
+            width, height = COLUMN_WIDTH, height * COLUMN_WIDTH / width
     return plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False, **kwargs)
 
 
@@ -71,6 +101,24 @@ def finish_axes(ax, xlabel: str, ylabel: str, title: str | None = None, legend: 
         ax.set_title(title)
     if legend:
         ax.legend(fontsize=8)
+    return ax
+
+
+# ticks of a symmetric-log axis: 1-2-5 per decade, so the linear part (0..linthresh) is not
+# labelled by its two ends alone
+_SYMLOG_TICKS = sorted({sign * m * 10.0 ** e for sign in (-1, 1) for e in range(-1, 5) for m in (1, 2, 5)} | {0.0})
+
+
+def symlog_axis(ax, which: str = "x", linthresh: float = 10.0):
+    """A symmetric-log axis (linear within ``linthresh`` of 0) with 1-2-5 ticks in every decade
+    and plain numbers as labels; returns ``ax``."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    (ax.set_xscale if which == "x" else ax.set_yscale)("symlog", linthresh=linthresh)
+    axis.set_major_locator(FixedLocator(_SYMLOG_TICKS))
+    axis.set_minor_locator(NullLocator())
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     return ax
 
 
