@@ -161,9 +161,10 @@ def test_gpu_check_script_runs_end_to_end_on_the_cpu(tmp_path):
     between the sessions that have a GPU."""
     out = tmp_path / "gpu_check.json"
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--cpu-dry-run",
-                             "--steps", "6", "--side-steps", "4", "--eval-sentences", "8", "--json", str(out)],
+                             "--steps", "6", "--side-steps", "4", "--warmup-steps", "2", "--eval-sentences", "8",
+                             "--json", str(out)],
                             capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert len(report["runs"]) == 4 and all(r["ms_per_step"] > 0 for r in report["runs"])
+    assert len(report["runs"]) == 6 and all(r["ms_per_step"] > 0 for r in report["runs"])
     assert report["whole_split_iw"]["num_sentences"] > 0 and report["grid"]["runs"] > 0
