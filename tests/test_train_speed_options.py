@@ -60,3 +60,21 @@ def test_deferred_diagnostics_name_the_first_non_finite_step(corpus, tmp_path, m
     with pytest.raises(TrainingDiverged, match=r"non-finite distortion at step 2 \(value sample: \[nan"):
         train(cfg, tmp_path, progress=False)
     assert not (tmp_path / cfg.key).exists()
+
+
+@pytest.mark.skipif(not __import__("tvae_core.native", fromlist=["available"]).available(),
+                    reason="the native kernel cannot be built here")
+def test_native_lm_head_and_deferred_reads_train_to_the_same_losses(corpus, tmp_path):
+    """The fast path (train.lm_head_kernel="native", train.sync_every) against the plain loop with
+    the torch head: the same losses to float rounding at every step (not bit for bit: the kernels
+    round differently), so a run of its own in the cache."""
+    plain = tiny_config(corpus, "fb", 2.0, max_steps=13, lm_head_dtype="bfloat16")
+    fast = plain.replace(train={"lm_head_kernel": "native", "sync_every": 5})
+    assert fast.key != plain.key
+    histories = [json.loads((train(cfg, tmp_path / str(i), progress=False) / "history.json").read_text())
+                 for i, cfg in enumerate((plain, fast))]
+    for name in ("loss", "rate", "distortion"):
+        old = torch.tensor([r[name] for r in histories[0]["train"]])
+        new = torch.tensor([r[name] for r in histories[1]["train"]])
+        torch.testing.assert_close(new, old, rtol=1e-4, atol=1e-4)
+    assert [list(r) for r in histories[0]["train"]] == [list(r) for r in histories[1]["train"]]

@@ -165,6 +165,12 @@ class TrainConfig:
     # on a GPU stall the queue. The same history either way (tested); a non-finite value still
     # stops the run naming its first step, up to N - 1 steps later. Not part of the run's key.
     sync_every: int = 1
+    # torch | native: "native" trains a bias-free bfloat16 LM head (lm_head_dtype="bfloat16", the
+    # scratch decoders) on the CPU with the compiled kernels of tvae_core.native, which take one
+    # sweep over each [rows, 10k] block of logits each way where the torch path takes several; the
+    # head is most of a default step, and those passes most of the head. The same numbers to float
+    # rounding, not bit for bit; elsewhere (GPU, no compiler) the torch path.
+    lm_head_kernel: str = "torch"
 
     def __post_init__(self):
         _check_positive_int("train.max_steps", self.max_steps)
@@ -177,6 +183,7 @@ class TrainConfig:
         _check_choice("train.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
         _check_choice("train.lm_head_dtype", self.lm_head_dtype, ("float32", "bfloat16"))
         _check_positive_int("train.sync_every", self.sync_every)
+        _check_choice("train.lm_head_kernel", self.lm_head_kernel, ("torch", "native"))
         for name in ("learning_rate", "grad_clip"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -186,6 +193,9 @@ class TrainConfig:
 # TrainConfig fields that leave every number a run produces bit-identical (tested), so runs that
 # differ only in them share a key and a cache entry
 NOT_IN_KEY = ("sync_every",)
+# TrainConfig fields added after runs were cached: in the key only when they differ from their
+# default, so every earlier run keeps its key
+IN_KEY_WHEN_SET = ("lm_head_kernel",)
 
 
 @dataclass(frozen=True)
@@ -213,6 +223,10 @@ class RunConfig:
         config = self.to_dict(False)
         for name in NOT_IN_KEY:
             config["train"].pop(name)
+        defaults = TrainConfig()
+        for name in IN_KEY_WHEN_SET:
+            if config["train"][name] == getattr(defaults, name):
+                config["train"].pop(name)
         payload = {"cache_format_version": CACHE_FORMAT_VERSION, "config": config}
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]

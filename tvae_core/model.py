@@ -106,6 +106,10 @@ class TransformerVAE(nn.Module):
     # log-softmax, the target logits and the weight-gradient sums stay float32. Set by
     # tvae_core.train.build_model from TrainConfig.lm_head_dtype (part of the run's key).
     training_lm_head_dtype: torch.dtype | None = None
+    # training only: the blocked LM head by the compiled kernels of tvae_core.native where they
+    # apply (the same numbers to float rounding); set by tvae_core.train.build_model from
+    # TrainConfig.lm_head_kernel
+    training_lm_head_native: bool = False
 
     def __init__(self, config: ModelConfig, encoder: nn.Module | None, decoder: nn.Module, *,
                  pad_id: int, bos_id: int, eos_id: int, unk_id: int):
@@ -258,7 +262,8 @@ class TransformerVAE(nn.Module):
         head = _lm_head(self.decoder)
         if self._uses_blocked_lm_head(training):
             token_nll = linear_cross_entropy(hidden[target_mask], head.weight, head.bias,
-                                             targets[target_mask], compute_dtype=head_dtype)  # [M], M real targets
+                                             targets[target_mask], compute_dtype=head_dtype,
+                                             native_training=training and self.training_lm_head_native)  # [M], M real targets
         else:  # heads with a transform before the vocabulary projection (RoBERTa, BERT)
             logits = head(hidden[target_mask])  # [M, V]
             token_nll = F.cross_entropy(logits.float(), targets[target_mask], reduction="none")

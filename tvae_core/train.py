@@ -53,6 +53,11 @@ def build_model(config: RunConfig, vocab: Vocabulary) -> TransformerVAE:
                              "(a plain linear head, fuse_lm_head=True); this model trains its head unfused: "
                              "accepted value here: 'float32'")
         model.training_lm_head_dtype = getattr(torch, config.train.lm_head_dtype)
+    if config.train.lm_head_kernel == "native":
+        if not model.trains_blocked_lm_head:
+            raise ValueError("train.lm_head_kernel='native' needs the blocked LM head (a plain linear head, "
+                             "fuse_lm_head=True); this model trains its head unfused: accepted value here: 'torch'")
+        model.training_lm_head_native = True
     return model
 
 
