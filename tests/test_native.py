@@ -190,3 +190,42 @@ def test_a_dead_builds_lock_is_removed_and_a_live_one_kept(tmp_path):
     native._remove_stale_lock(lock)
     assert not lock.exists()
     native._remove_stale_lock(lock)  # no lock: nothing to do
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 64, 150])
+def test_native_training_head_matches_the_torch_path_in_values_and_gradients(rows):
+    """TrainConfig.lm_head_kernel="native": the same NLL and gradients as the torch path's bfloat16
+    training head to float rounding, with a weighted sum (any incoming gradient), every block size,
+    and the padded rows of the last block contributing nothing."""
+    h, w, t = _case(rows)
+    g = torch.rand(rows, generator=torch.Generator().manual_seed(1))
+    results = []
+    for native_training in (False, True):
+        hidden, weight = h.clone().requires_grad_(), w.clone().requires_grad_()
+        nll = linear_cross_entropy(hidden, weight, None, t, compute_dtype=torch.bfloat16,
+                                   native_training=native_training)
+        (nll * g).sum().backward()
+        results.append((nll.detach(), hidden.grad, weight.grad))
+    (nll_torch, gh_torch, gw_torch), (nll_native, gh_native, gw_native) = results
+    torch.testing.assert_close(nll_native, nll_torch, rtol=0, atol=5e-6)
+    for native_grad, torch_grad in ((gh_native, gh_torch), (gw_native, gw_torch)):
+        assert native_grad.dtype == torch.float32
+        assert ((native_grad - torch_grad).norm() / torch_grad.norm()).item() < 2e-5
+
+
+@needs_kernel
+def test_native_training_head_applies_only_where_it_can():
+    """A biased head, a float32 head and gradient-free calls keep their paths."""
+    h, w, t = _case(30)
+    bias = torch.zeros(w.shape[0], requires_grad=True)
+    hidden = h.clone().requires_grad_()
+    assert type(linear_cross_entropy(hidden, w, bias, t, compute_dtype=torch.bfloat16,
+                                     native_training=True).grad_fn).__name__ == "_LinearCrossEntropyBackward"
+    assert type(linear_cross_entropy(hidden, w, None, t, native_training=True).grad_fn).__name__ \
+        == "_LinearCrossEntropyBackward"
+    assert type(linear_cross_entropy(hidden, w, None, t, compute_dtype=torch.bfloat16,
+                                     native_training=True).grad_fn).__name__ == "_NativeLinearCrossEntropyBackward"
+    with native.disabled():
+        assert type(linear_cross_entropy(hidden, w, None, t, compute_dtype=torch.bfloat16,
+                                         native_training=True).grad_fn).__name__ == "_LinearCrossEntropyBackward"

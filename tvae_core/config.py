@@ -265,6 +265,17 @@ class TrainConfig:
     # threads sum floating point in different orders, so the count is part of what a run is
     # (the book trains every run with one)
     num_threads: int = 1
+    # read the steps' diagnostics (history, progress bar, finite checks) back to the host every N
+    # steps instead of every step: one synchronisation per N steps rather than ~10 per step, which
+    # on a GPU stall the queue. The same history either way (tested); a non-finite value still
+    # stops the run naming its first step, up to N - 1 steps later. Not part of the run's key.
+    sync_every: int = 1
+    # torch | native: "native" trains a bias-free bfloat16 LM head (lm_head_dtype="bfloat16", the
+    # scratch decoders) on the CPU with the compiled kernels of tvae_core.native, which take one
+    # sweep over each [rows, 10k] block of logits each way where the torch path takes several; the
+    # head is most of a default step, and those passes most of the head. The same numbers to float
+    # rounding, not bit for bit; elsewhere (GPU, no compiler) the torch path.
+    lm_head_kernel: str = "torch"
 
     def __post_init__(self):
         _check_types("train", self)
@@ -278,12 +289,22 @@ class TrainConfig:
         _check_positive_int("train.gradient_accumulation_steps", self.gradient_accumulation_steps)
         _check_choice("train.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
         _check_choice("train.lm_head_dtype", self.lm_head_dtype, ("float32", "bfloat16"))
+        _check_positive_int("train.sync_every", self.sync_every)
+        _check_choice("train.lm_head_kernel", self.lm_head_kernel, ("torch", "native"))
         for name in ("learning_rate", "grad_clip"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"train.{name}={value!r} must be a finite number > 0")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"train.weight_decay={self.weight_decay!r} must be a finite number >= 0")
+
+
+# TrainConfig fields that leave every number a run produces bit-identical (tested), so runs that
+# differ only in them share a key and a cache entry
+NOT_IN_KEY = ("sync_every",)
+# TrainConfig fields added after runs were cached: in the key only when they differ from their
+# default, so every earlier run keeps its key
+IN_KEY_WHEN_SET = ("lm_head_kernel",)
 
 
 @dataclass(frozen=True)
@@ -306,10 +327,18 @@ class RunConfig:
 
     @property
     def key(self) -> str:
-        """Stable hash of everything that determines the trained run (not the label): the config,
-        the corpus content and the training code (module docstring). Raises ValueError naming
-        ``data.path`` when the corpus files are missing."""
-        payload = {"cache_format_version": CACHE_FORMAT_VERSION, "config": self.to_dict(False),
+        """Stable hash of everything that determines the trained run (not the label, nor the
+        train fields in :data:`NOT_IN_KEY`, which change how fast a run trains, not what): the
+        config, the corpus content and the training code (module docstring). Raises ValueError
+        naming ``data.path`` when the corpus files are missing."""
+        config = self.to_dict(False)
+        for name in NOT_IN_KEY:
+            config["train"].pop(name)
+        defaults = TrainConfig()
+        for name in IN_KEY_WHEN_SET:
+            if config["train"][name] == getattr(defaults, name):
+                config["train"].pop(name)
+        payload = {"cache_format_version": CACHE_FORMAT_VERSION, "config": config,
                    "corpus": corpus_fingerprint(self.data), "code": training_code_version()}
         return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:16]
 

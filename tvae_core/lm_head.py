@@ -131,6 +131,34 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None
 
 
+class _NativeLinearCrossEntropy(torch.autograd.Function):
+    """The training head by the compiled kernels (``TrainConfig.lm_head_kernel="native"``): a
+    bias-free head in bfloat16 on the CPU. The forward pass is :func:`tvae_core.native.lm_head_nll`
+    (one sweep per block for the log-sum-exp) and keeps each row's log-sum-exp; the backward pass,
+    :func:`tvae_core.native.lm_head_nll_backward`, recomputes each block's logits and turns them
+    into the scaled gradient in one sweep, with no max or sum taken again. The torch path takes
+    several passes over each ``[rows, V]`` block in both directions (convert, log-softmax or
+    softmax, scale, round); those passes, not the matmuls, were most of the head's time (torch
+    profiler, one thread). Same values and gradients as :class:`_LinearCrossEntropy` to float
+    rounding (tested)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets):
+        with torch.autocast(hidden.device.type, enabled=False):
+            h, w = hidden.to(torch.bfloat16), weight.to(torch.bfloat16)
+            exact_target = _exact_target_logits(hidden, weight, None, targets)  # [M] float32
+            nll = native.lm_head_nll(h, w, targets, exact_target)
+        ctx.save_for_backward(h, w, targets, exact_target, nll + exact_target)
+        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad_nll):
+        h, w, targets, exact_target, lse = ctx.saved_tensors
+        grad_h, grad_w = native.lm_head_nll_backward(h, w, targets, exact_target, lse, grad_nll)
+        return grad_h.to(ctx.hidden_dtype), grad_w.to(ctx.weight_dtype), None
+
+
 def _native_path_applies(hidden, weight, bias, compute_dtype) -> bool:
     """Gradient-free, bias-free, bfloat16, on the CPU, and the compiled kernel is there."""
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
@@ -140,7 +168,7 @@ def _native_path_applies(hidden, weight, bias, compute_dtype) -> bool:
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          targets: torch.Tensor, block_rows: int | None = None,
-                         compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+                         compute_dtype: torch.dtype | None = None, native_training: bool = False) -> torch.Tensor:
     """Per-row negative log-likelihood ``-log softmax(hidden @ weight.T + bias)[targets]``, float32.
 
     hidden: [M, H], weight: [V, H], bias: [V] or None, targets: [M] -> [M]. Memory: one
@@ -150,6 +178,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     dtype. Values and gradients are float32 either way. Without gradients, in bfloat16, for a
     bias-free head on the CPU, the compiled kernel :func:`tvae_core.native.lm_head_nll` computes
     the same values (to ~2e-6 nats per row) in blocks of its own (64 rows with AVX-512).
+
+    ``native_training`` (``TrainConfig.lm_head_kernel="native"``): with gradients, a bias-free
+    bfloat16 head on the CPU trains with the compiled kernels (:class:`_NativeLinearCrossEntropy`:
+    the same values and gradients to float rounding) where they are available; anything else
+    keeps the torch path.
     """
     if compute_dtype not in (None, torch.float32, torch.bfloat16):
         raise ValueError(f"compute_dtype={compute_dtype} is not accepted; accepted values: "
@@ -167,4 +200,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
         with torch.autocast(hidden.device.type, enabled=False):
             target_logits = _exact_target_logits(hidden, weight, None, targets)
             return native.lm_head_nll(hidden.to(compute_dtype), weight.to(compute_dtype), targets, target_logits)
+    if native_training and bias is None and compute_dtype == torch.bfloat16 and hidden.device.type == "cpu" \
+            and weight.device.type == "cpu" and native.available():
+        return _NativeLinearCrossEntropy.apply(hidden, weight, targets)
     return _LinearCrossEntropy.apply(hidden, weight, bias, targets, block_rows, compute_dtype)

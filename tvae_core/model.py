@@ -121,6 +121,10 @@ class TransformerVAE(nn.Module):
     # log-softmax, the target logits and the weight-gradient sums stay float32. Set by
     # tvae_core.train.build_model from TrainConfig.lm_head_dtype (part of the run's key).
     training_lm_head_dtype: torch.dtype | None = None
+    # training only: the blocked LM head by the compiled kernels of tvae_core.native where they
+    # apply (the same numbers to float rounding); set by tvae_core.train.build_model from
+    # TrainConfig.lm_head_kernel
+    training_lm_head_native: bool = False
 
     def __init__(self, config: ModelConfig, encoder: nn.Module | None, decoder: nn.Module, *,
                  pad_id: int, bos_id: int, eos_id: int, unk_id: int):
@@ -295,7 +299,8 @@ class TransformerVAE(nn.Module):
         """-log p(target | hidden state) per row: hidden [M, H], targets [M] -> [M] (float32)."""
         head = _lm_head(self.decoder)
         if self._uses_blocked_lm_head(training):
-            return linear_cross_entropy(hidden, head.weight, head.bias, targets, compute_dtype=head_dtype)
+            return linear_cross_entropy(hidden, head.weight, head.bias, targets, compute_dtype=head_dtype,
+                                        native_training=training and self.training_lm_head_native)
         # heads with a transform before the vocabulary projection (RoBERTa, BERT)
         return F.cross_entropy(head(hidden).float(), targets, reduction="none")
 

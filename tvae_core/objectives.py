@@ -2,7 +2,9 @@
 
 Every objective takes ``distortion`` [B] (nats, -log p(x|z) for z ~ q(z|x)), ``kl_per_dim``
 [B, D] (analytic KL(q(z_d|x) || N(0, 1))) and the optimiser ``step``, and returns
-``(loss, diagnostics)``: a scalar to minimise and a dict of floats. ``rate`` in the diagnostics is
+``(loss, diagnostics)``: a scalar to minimise and a dict of floats (with ``read=False``, detached
+0-d tensors instead, so that a training loop can read them back later without a host
+synchronisation per value; the same numbers either way). ``rate`` in the diagnostics is
 always the *raw* rate E_x KL(q(z|x)||p(z)); what the objective optimised instead (a clamped
 free-bits term, a beta-weighted rate) is logged under its own name.
 
@@ -131,29 +133,37 @@ class LagrangeMultiplier(nn.Module):
 
 
 # ------------------------------------------------------------------------------ objectives
-def _base_diagnostics(distortion: torch.Tensor, kl_per_dim: torch.Tensor) -> dict[str, float]:
+def _scalar(value: torch.Tensor, read: bool):
+    """A diagnostic: a float (one host synchronisation) or, with ``read=False``, the detached tensor
+    (every value passed here is a fresh result, never modified later, except the buffer below)."""
+    return value.item() if read else value.detach()
+
+
+def _base_diagnostics(distortion: torch.Tensor, kl_per_dim: torch.Tensor, read: bool = True) -> dict:
     rate = kl_per_dim.sum(-1).mean()
     d = distortion.mean()
-    return {"distortion": d.item(), "rate": rate.item(), "elbo": -(d + rate).item()}
+    return {"distortion": _scalar(d, read), "rate": _scalar(rate, read), "elbo": _scalar(-(d + rate), read)}
 
 
-def elbo_loss(distortion, kl_per_dim, beta: float = 1.0):
+def elbo_loss(distortion, kl_per_dim, beta: float = 1.0, *, read: bool = True):
     """-ELBO with a weight on the rate: D + beta R (Kingma & Welling 2014; Higgins et al. 2017)."""
     loss = distortion.mean() + beta * kl_per_dim.sum(-1).mean()
-    return loss, {**_base_diagnostics(distortion, kl_per_dim), "beta": float(beta), "loss": loss.item()}
+    return loss, {**_base_diagnostics(distortion, kl_per_dim, read), "beta": float(beta),
+                  "loss": _scalar(loss, read)}
 
 
-def free_bits_loss(distortion, kl_per_dim, target_rate: float, variant: str, beta: float = 1.0):
+def free_bits_loss(distortion, kl_per_dim, target_rate: float, variant: str, beta: float = 1.0, *,
+                   read: bool = True):
     """D + beta * FB(KL) with the named free-bits variant (Kingma et al. 2016; Li et al. 2020)."""
     clamped = free_bits_rate(kl_per_dim, target_rate, variant)
     loss = distortion.mean() + beta * clamped
-    diagnostics = {**_base_diagnostics(distortion, kl_per_dim), "beta": float(beta),
-                   "free_bits_rate": clamped.item(), "loss": loss.item()}
+    diagnostics = {**_base_diagnostics(distortion, kl_per_dim, read), "beta": float(beta),
+                   "free_bits_rate": _scalar(clamped, read), "loss": _scalar(loss, read)}
     return loss, diagnostics
 
 
 def mdr_loss(distortion, kl_per_dim, target_rate: float, multiplier: LagrangeMultiplier,
-             damping: float = 0.0):
+             damping: float = 0.0, *, read: bool = True):
     """D + R + lambda (r - R) (Pelsmaeker & Aziz 2019), plus c/2 (r - R)^2 when ``damping`` = c > 0.
 
     The model sees lambda as a constant; the multiplier sees the rate as a constant (or its EMA),
@@ -166,27 +176,29 @@ def mdr_loss(distortion, kl_per_dim, target_rate: float, multiplier: LagrangeMul
         model_loss = model_loss + 0.5 * damping * (target_rate - rate) ** 2
     multiplier_objective = lam * (target_rate - multiplier.constraint_signal(rate))
     loss = model_loss + multiplier_objective
-    diagnostics = {**_base_diagnostics(distortion, kl_per_dim), "mdr_lambda": lam.item(),
-                   "mdr_constraint": (target_rate - rate).item(), "loss": model_loss.item()}
-    if multiplier.rate_ema is not None:
-        diagnostics["mdr_smoothed_rate"] = multiplier.smoothed_rate.item()
+    diagnostics = {**_base_diagnostics(distortion, kl_per_dim, read), "mdr_lambda": _scalar(lam, read),
+                   "mdr_constraint": _scalar(target_rate - rate, read), "loss": _scalar(model_loss, read)}
+    if multiplier.rate_ema is not None:  # a buffer updated in place: copied now, whatever `read` says
+        diagnostics["mdr_smoothed_rate"] = _scalar(multiplier.smoothed_rate.clone(), read)
     return loss, diagnostics
 
 
 def compute_loss(terms: dict[str, torch.Tensor], config: ObjectiveConfig, step: int, max_steps: int,
-                 multiplier: LagrangeMultiplier | None = None):
-    """Dispatch on ``config.name``; returns ``(loss, diagnostics)``."""
+                 multiplier: LagrangeMultiplier | None = None, *, read: bool = True):
+    """Dispatch on ``config.name``; returns ``(loss, diagnostics)`` (``read=False``: the diagnostics
+    that are tensors stay detached 0-d tensors on the terms' device)."""
     distortion, kl_per_dim = terms["distortion"], terms["kl_per_dim"]
     beta = beta_at(step, config, max_steps)
     name = config.name
     if name in ("vae", "cyc", "beta_vae", "ae"):
-        return elbo_loss(distortion, kl_per_dim, beta)
+        return elbo_loss(distortion, kl_per_dim, beta, read=read)
     if name == "lm":
-        return elbo_loss(distortion, torch.zeros_like(kl_per_dim), 0.0)
+        return elbo_loss(distortion, torch.zeros_like(kl_per_dim), 0.0, read=read)
     if name in ("fb", "cyc_fb"):
-        return free_bits_loss(distortion, kl_per_dim, config.target_rate, config.free_bits_variant, beta)
+        return free_bits_loss(distortion, kl_per_dim, config.target_rate, config.free_bits_variant, beta,
+                              read=read)
     if name == "mdr":
         if multiplier is None:
             raise ValueError("objective.name='mdr' needs a LagrangeMultiplier")
-        return mdr_loss(distortion, kl_per_dim, config.target_rate, multiplier, config.mdr_damping)
+        return mdr_loss(distortion, kl_per_dim, config.target_rate, multiplier, config.mdr_damping, read=read)
     raise ValueError(f"objective.name={name!r} is not accepted")

@@ -11,6 +11,7 @@ prepared module, so all ranks take the same step).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -57,6 +58,11 @@ def build_model(config: RunConfig, vocab: Vocabulary) -> TransformerVAE:
                              "(a plain linear head, fuse_lm_head=True); this model trains its head unfused: "
                              "accepted value here: 'float32'")
         model.training_lm_head_dtype = getattr(torch, config.train.lm_head_dtype)
+    if config.train.lm_head_kernel == "native":
+        if not model.trains_blocked_lm_head:
+            raise ValueError("train.lm_head_kernel='native' needs the blocked LM head (a plain linear head, "
+                             "fuse_lm_head=True); this model trains its head unfused: accepted value here: 'torch'")
+        model.training_lm_head_native = True
     return model
 
 
@@ -199,9 +205,67 @@ def _check_finite_metrics(step: int, metrics: dict, what: str = "validation") ->
 def _check_finite(step: int, loss: torch.Tensor, terms: dict) -> None:
     for name, value in (("distortion", terms["distortion"]), ("kl_per_dim", terms["kl_per_dim"]), ("loss", loss)):
         if not torch.isfinite(value).all():
-            raise TrainingDiverged(f"non-finite {name} at step {step} "
-                                   f"(value sample: {value.detach().flatten()[:4].tolist()}); "
-                                   "lower train.learning_rate or check the data")
+            _raise_non_finite(name, step, value)
+
+
+def _raise_non_finite(name: str, step: int, value: torch.Tensor):
+    raise TrainingDiverged(f"non-finite {name} at step {step} "
+                           f"(value sample: {value.detach().flatten()[:4].tolist()}); "
+                           "lower train.learning_rate or check the data")
+
+
+@contextlib.contextmanager
+def _earlier_divergence_first(deferred: "_DeferredDiagnostics | None"):
+    """A step that fails (e.g. q(z|x)'s arguments are NaN) after an unread non-finite step raises
+    that step's TrainingDiverged instead, as the plain loop would have, steps earlier."""
+    try:
+        yield
+    except Exception:
+        if deferred is not None:
+            deferred.read()
+        raise
+
+
+class _DeferredDiagnostics:
+    """The steps' diagnostics kept as tensors on the model's device and read back to the host in
+    one transfer (``train.sync_every``): the same history records, value for value, as reading
+    each at its step, and the same finite checks, which then report the first bad step."""
+
+    def __init__(self):
+        self.pending = []
+
+    def add(self, step: int, loss, terms: dict, diagnostics: dict, grad_norm, lr: float) -> None:
+        checked = {"distortion": terms["distortion"].detach(), "kl_per_dim": terms["kl_per_dim"].detach(),
+                   "loss": loss.detach()}
+        finite = torch.stack([torch.isfinite(v).all() for v in checked.values()]
+                             + [torch.isfinite(torch.as_tensor(grad_norm)).all()])  # [4] bool
+        self.pending.append((step, checked, finite, diagnostics, torch.as_tensor(grad_norm).detach(), lr))
+
+    def read(self) -> list[dict]:
+        """The pending steps' history records, in order; raises at the first non-finite value."""
+        if not self.pending:
+            return []
+        pending, self.pending = self.pending, []
+        tensors = []  # every value of every step, one float64 vector (float32 -> float64 is exact)
+        for _, _, finite, diagnostics, grad_norm, _ in pending:
+            tensors.append(finite.to(torch.float64))
+            tensors += [v.reshape(1).to(torch.float64) for v in diagnostics.values() if isinstance(v, torch.Tensor)]
+            tensors.append(grad_norm.reshape(1).to(torch.float64))
+        values = iter(torch.cat(tensors).tolist())  # the one host synchronisation
+        records = []
+        for step, checked, _, diagnostics, _, lr in pending:
+            finite = [next(values) for _ in range(4)]
+            record = {k: next(values) if isinstance(v, torch.Tensor) else v for k, v in diagnostics.items()}
+            grad_norm = next(values)
+            for (name, value), ok in zip(checked.items(), finite):
+                if not ok:
+                    _raise_non_finite(name, step, value)
+            if not finite[3]:
+                raise TrainingDiverged(f"non-finite gradient norm at step {step} "
+                                       f"(loss {checked['loss'].item():.4g})")
+            record.update(step=step, grad_norm=grad_norm, lr=lr)
+            records.append(record)
+        return records
 
 
 def _versions() -> dict:
@@ -299,6 +363,16 @@ def _train(config: RunConfig, root: str | Path | None = None, *, progress: bool 
         timer.count_tokens(step, batch["attention_mask"])
         return {k: v.to(accelerator.device) for k, v in batch.items()}
 
+    # a distributed run averages each step's diagnostics over processes (_global_diagnostics) when
+    # it reads them, so it reads them at every step
+    deferred = _DeferredDiagnostics() if tc.sync_every > 1 and world == 1 else None
+
+    def record(entries: list[dict]) -> None:
+        history["train"].extend(entries)
+        if entries:
+            bar.set_postfix(rate=f"{entries[-1]['rate']:.2f}", distortion=f"{entries[-1]['distortion']:.1f}",
+                            refresh=False)
+
     started = time.time()
     timer = StepTimer(accelerator.device, start_step, tc.max_steps)
     bar = tqdm(range(start_step, tc.max_steps), desc=config.label or config.objective.name, initial=start_step,
@@ -307,13 +381,15 @@ def _train(config: RunConfig, root: str | Path | None = None, *, progress: bool 
     for step in bar:
         timer.at_step(step)
         torch.manual_seed(_step_seed(tc.seed, step))
-        with accelerator.accumulate(module):
+        with accelerator.accumulate(module), _earlier_divergence_first(deferred):
             terms = module(batch_for(step))
-            loss, diagnostics = compute_loss(terms, oc, step, tc.max_steps, raw_module.multiplier)
-            _check_finite(step, loss, terms)
+            loss, diagnostics = compute_loss(terms, oc, step, tc.max_steps, raw_module.multiplier,
+                                             read=deferred is None)
+            if deferred is None:
+                _check_finite(step, loss, terms)
             accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(raw_module.vae.parameters(), tc.grad_clip)
-            if not torch.isfinite(torch.as_tensor(grad_norm)):
+            if deferred is None and not torch.isfinite(torch.as_tensor(grad_norm)):
                 raise TrainingDiverged(f"non-finite gradient norm at step {step} (loss {loss.item():.4g})")
             optimizer.step()
             if accelerator.sync_gradients:
@@ -322,23 +398,26 @@ def _train(config: RunConfig, root: str | Path | None = None, *, progress: bool 
             if multiplier_opt is not None:
                 multiplier_opt.step()
                 multiplier_opt.zero_grad(set_to_none=True)
-        diagnostics.update(step=step, grad_norm=float(grad_norm), lr=scheduler.get_last_lr()[0])
-        if world > 1:
-            diagnostics.update(_global_diagnostics(accelerator, diagnostics, raw_module.multiplier))
-        history["train"].append(diagnostics)
-        bar.set_postfix(rate=f"{diagnostics['rate']:.2f}", distortion=f"{diagnostics['distortion']:.1f}",
-                        refresh=False)
         done = step + 1
-        validate = done % tc.eval_every == 0 or done == tc.max_steps
-        checkpoint = done % tc.checkpoint_every == 0 and done < tc.max_steps and accelerator.is_main_process
-        if validate or checkpoint:
+        evaluate = done % tc.eval_every == 0 or done == tc.max_steps
+        checkpoint = done % tc.checkpoint_every == 0 and done < tc.max_steps
+        if deferred is None:
+            diagnostics.update(step=step, grad_norm=float(grad_norm), lr=scheduler.get_last_lr()[0])
+            if world > 1:
+                diagnostics.update(_global_diagnostics(accelerator, diagnostics, raw_module.multiplier))
+            record([diagnostics])
+        else:
+            deferred.add(step, loss, terms, diagnostics, grad_norm, scheduler.get_last_lr()[0])
+            if len(deferred.pending) >= tc.sync_every or evaluate or checkpoint:
+                record(deferred.read())
+        if evaluate or (checkpoint and accelerator.is_main_process):
             with timer.paused():
-                if validate:
+                if evaluate:
                     metrics = validation_metrics(raw_module.vae, valid_ids, vocab.pad_id, seed=tc.seed)
                     _check_finite_metrics(done, metrics)
                     history["valid"].append({"step": done, **metrics})
                     module.train()
-                if checkpoint:
+                if checkpoint and accelerator.is_main_process:
                     _save_checkpoint(partial_dir, config.key, done, history, raw_module, optimizer, scheduler,
                                      multiplier_opt)
     timer.stop()

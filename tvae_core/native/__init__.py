@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import platform
 import threading
@@ -70,7 +71,10 @@ def _load_module():
     from torch.utils.cpp_extension import load
 
     # the build is for this CPU: its name says which, so a shared home directory keeps one per kind
-    name = f"tvae_lm_head_nll_{platform.machine()}_{torch.backends.cpu.get_cpu_capability()}".lower()
+    # and its source: checkouts with different versions of the kernel that share a home directory
+    # each keep their own build instead of rebuilding over each other's
+    digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:8]
+    name = f"tvae_lm_head_nll_{platform.machine()}_{torch.backends.cpu.get_cpu_capability()}_{digest}".lower()
     build_directory = _extensions_directory() / name
     try:
         build_directory.mkdir(parents=True, exist_ok=True)
@@ -140,3 +144,22 @@ def lm_head_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
         raise RuntimeError("tvae_core.native is not available (see the warning when it was loaded, "
                            f"or {DISABLE_VARIABLE}=0)")
     return module.lm_head_nll(hidden, weight, targets, target_logits)
+
+
+def lm_head_nll_backward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         target_logits: torch.Tensor, lse: torch.Tensor,
+                         grad_nll: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients ``(d/dhidden [M, H], d/dweight [V, H])``, float32, of ``sum_m grad_nll_m nll_m`` for
+    the head of :func:`lm_head_nll` (same arguments), given each row's log-sum-exp ``lse`` [M]
+    (float32; ``nll + target_logits``) from the forward pass. Per block of rows: the logits
+    recomputed (bfloat16 matmul), ``(softmax - onehot) * grad_nll`` in one sweep with the same
+    exponential as :func:`lm_head_nll`, rounded to bfloat16 for the two gradient matmuls; the
+    weight gradient summed over blocks in float32, as :mod:`tvae_core.lm_head`'s torch path does.
+    Raises if :func:`available` is False."""
+    module = _module()
+    if module is None:
+        raise RuntimeError("tvae_core.native is not available (see the warning when it was loaded, "
+                           f"or {DISABLE_VARIABLE}=0)")
+    grad_hidden, grad_weight = module.lm_head_nll_backward(hidden, weight, targets, target_logits, lse,
+                                                           grad_nll.float())
+    return grad_hidden, grad_weight
