@@ -30,7 +30,7 @@ def base_config(profile: str | Profile, seed: int = 0) -> RunConfig:
         objective=ObjectiveConfig(name="vae"),
         train=TrainConfig(max_steps=t.max_steps, batch_size=t.batch_size, eval_every=t.eval_every,
                           checkpoint_every=t.checkpoint_every, seed=seed, lm_head_dtype=t.lm_head_dtype,
-                          mixed_precision=t.mixed_precision,
+                          mixed_precision=t.mixed_precision, sync_every=t.sync_every,
                           lr_warmup_steps=min(100, max(1, t.max_steps // 10))),
         label="VAE",
     )

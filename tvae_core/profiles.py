@@ -23,6 +23,7 @@ class TrainingSize:
     max_length: int = 64      # tokens, as in the thesis
     lm_head_dtype: str = "float32"  # the blocked LM head's matmuls in training (TrainConfig.lm_head_dtype)
     mixed_precision: str = "no"  # Accelerate's autocast in training (TrainConfig.mixed_precision)
+    sync_every: int = 1          # host reads of the diagnostics every N steps (TrainConfig.sync_every)
 
 
 @dataclass(frozen=True)
@@ -141,11 +142,12 @@ PROFILES: dict[str, Profile] = {
     "full": Profile(
         name="full",
         # bfloat16 autocast and a bfloat16 LM head: a GPU's matmul units run bfloat16 at many times
-        # their float32 rate (make gpu-check measures the step both ways)
+        # their float32 rate (make gpu-check measures the step both ways); diagnostics read back
+        # every 100 steps, so the host never waits on the GPU's queue inside a step
         training=TrainingSize(max_steps=60_000, batch_size=32, eval_every=2_000,
                               checkpoint_every=2_000, max_train_sentences=None,
                               max_eval_sentences=None, max_test_sentences=None,
-                              lm_head_dtype="bfloat16", mixed_precision="bf16"),
+                              lm_head_dtype="bfloat16", mixed_precision="bf16", sync_every=100),
         model=ModelSize(hidden_size=768, num_layers=12, num_heads=12, vocab_size=10_000),
         estimators=EstimatorSize(iw_num_samples=500, iw_max_sentences=None,
                                  mmd_num_samples=3000,
