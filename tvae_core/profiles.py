@@ -141,13 +141,13 @@ PROFILES: dict[str, Profile] = {
     ),
     "full": Profile(
         name="full",
-        # bfloat16 autocast and a bfloat16 LM head: a GPU's matmul units run bfloat16 at many times
-        # their float32 rate (make gpu-check measures the step both ways); diagnostics read back
-        # every 100 steps, so the host never waits on the GPU's queue inside a step
+        # float32 training: at batch 32 the step is bound by kernel launches, not arithmetic, and
+        # bfloat16 autocast adds a cast per matmul, so on a GPU it trained slower, not faster
+        # (`make gpu-check` times both side by side; benchmarks/README.md). Diagnostics are read
+        # back every 100 steps, so the host never waits on the GPU's queue inside a step
         training=TrainingSize(max_steps=60_000, batch_size=32, eval_every=2_000,
                               checkpoint_every=2_000, max_train_sentences=None,
-                              max_eval_sentences=None, max_test_sentences=None,
-                              lm_head_dtype="bfloat16", mixed_precision="bf16", sync_every=100),
+                              max_eval_sentences=None, max_test_sentences=None, sync_every=100),
         model=ModelSize(hidden_size=768, num_layers=12, num_heads=12, vocab_size=10_000),
         estimators=EstimatorSize(iw_num_samples=500, iw_max_sentences=None,
                                  mmd_num_samples=3000,
