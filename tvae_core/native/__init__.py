@@ -32,6 +32,7 @@ import functools
 import hashlib
 import os
 import platform
+import sys
 import threading
 import time
 import warnings
@@ -70,10 +71,12 @@ def _load_module():
         return None
     from torch.utils.cpp_extension import load
 
-    # the build is for this CPU: its name says which, so a shared home directory keeps one per kind
-    # and its source: checkouts with different versions of the kernel that share a home directory
-    # each keep their own build instead of rebuilding over each other's
-    digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:8]
+    # the build is for this CPU, this Python and this torch (an extension module is tied to both
+    # ABIs: a build of another Python fails to import and falls back to the torch path) and this
+    # source: its name says which, so checkouts and environments sharing a home directory each keep
+    # their own build instead of loading or rebuilding over each other's
+    digest = hashlib.sha256(f"{_SOURCE.read_text()}|{sys.implementation.cache_tag}|{torch.__version__}"
+                            .encode()).hexdigest()[:8]
     name = f"tvae_lm_head_nll_{platform.machine()}_{torch.backends.cpu.get_cpu_capability()}_{digest}".lower()
     build_directory = _extensions_directory() / name
     try:
