@@ -6,7 +6,9 @@ machine), then the first CUDA device if there is one, else the CPU. Training ask
 let Accelerate use the GPU; :func:`tvae_core.runs.load_run` puts a loaded model there. Everything
 downstream (validation, evaluation, the estimators, generation) follows the *model's* device
 (:func:`module_device`) and moves each batch there (:func:`move_batch`), so a model moved by hand
-is evaluated where it is.
+is evaluated where it is. The mixed membership model (:mod:`tvae_core.mmm`) fits on the CPU: its
+data are a few thousand latent samples, kept on the CPU in float64 like every posterior's
+parameters.
 """
 from __future__ import annotations
 

@@ -361,6 +361,10 @@ def _train(config: RunConfig, root: str | Path | None = None, *, progress: bool 
         if world > 1:  # an equal slice of the global batch for this process
             batch = {k: v[rank::world] for k, v in batch.items()}
         timer.count_tokens(step, batch["attention_mask"])
+        if accelerator.device.type == "cuda":
+            # a copy from pageable memory first waits for the GPU's queue; from pinned memory it is
+            # queued behind it, so the host can run ahead by a step
+            return {k: v.pin_memory().to(accelerator.device, non_blocking=True) for k, v in batch.items()}
         return {k: v.to(accelerator.device) for k, v in batch.items()}
 
     # a distributed run averages each step's diagnostics over processes (_global_diagnostics) when
