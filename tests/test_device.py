@@ -23,7 +23,8 @@ from tvae_core.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from tvae_core.data import iterate_batches
 from tvae_core.device import module_device, move_batch, resolve_device
 from tvae_core.estimators.bounds import _device_of, _encode_and_draw, _iw_from_samples
-from tvae_core.lm_head import ACCELERATOR_BLOCK_ROWS, DEFAULT_BLOCK_ROWS, default_block_rows, linear_cross_entropy
+from tvae_core.lm_head import (ACCELERATOR_BLOCK_ROWS, DEFAULT_BLOCK_ROWS, _native_path_applies, default_block_rows,
+                               linear_cross_entropy)
 from tvae_core.model import TransformerVAE
 from tvae_core.train import validation_terms
 
@@ -130,6 +131,8 @@ def test_lm_head_blocks_are_sized_by_the_device():
     hidden, weight = torch.randn(10, 8, device="meta"), torch.randn(30, 8, device="meta")
     targets = torch.zeros(10, dtype=torch.long, device="meta")
     assert linear_cross_entropy(hidden, weight, None, targets).shape == (10,)
+    # the compiled CPU kernel is never chosen for tensors on another device
+    assert not _native_path_applies(hidden, weight, None, torch.bfloat16)
 
 
 def test_generation_moves_a_cpu_latent_to_the_model_and_samples_with_a_cpu_generator():
