@@ -167,17 +167,10 @@ def verify_dir(folder: Path, key: str, required: tuple[str, ...] = ()) -> dict:
     """The manifest of ``folder`` after checking its key and every file's checksum; raises
     :class:`DamagedCacheError` naming the first file that does not match."""
     path = folder / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-        files, stored_key = manifest["files"], manifest["key"]
-        if not isinstance(files, dict):
-            raise TypeError("'files' is not a mapping")
-    except FileNotFoundError:
-        raise DamagedCacheError(f"{path}: missing") from None
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
-        raise DamagedCacheError(f"{path}: unreadable ({type(err).__name__}: {err})") from None
-    if stored_key != key:
-        raise DamagedCacheError(f"{path}: belongs to key {stored_key!r}, not {key!r}")
+    manifest = _read_keyed_json(path, key)
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise DamagedCacheError(f"{path}: unreadable (TypeError: 'files' is not a mapping)")
     missing = [name for name in required if name not in files]
     if missing:
         raise DamagedCacheError(f"{path}: lists no {missing}")
@@ -208,16 +201,26 @@ def write_checked_json(path: Path, payload, key: str) -> None:
     write_json_atomic(path, {"key": key, "sha256": _json_checksum(key, payload), "payload": payload})
 
 
-def read_checked_json(path: Path, key: str):
+def _read_keyed_json(path: Path, key: str) -> dict:
+    """A JSON object with a ``key`` field equal to ``key``; :class:`DamagedCacheError` otherwise."""
     try:
         stored = json.loads(path.read_text())
-        stored_key, checksum, payload = stored["key"], stored["sha256"], stored["payload"]
+        stored_key = stored["key"]
     except FileNotFoundError:
         raise DamagedCacheError(f"{path}: missing") from None
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
         raise DamagedCacheError(f"{path}: unreadable ({type(err).__name__}: {err})") from None
     if stored_key != key:
         raise DamagedCacheError(f"{path}: belongs to key {stored_key!r}, not {key!r}")
+    return stored
+
+
+def read_checked_json(path: Path, key: str):
+    stored = _read_keyed_json(path, key)
+    try:
+        checksum, payload = stored["sha256"], stored["payload"]
+    except KeyError as err:
+        raise DamagedCacheError(f"{path}: unreadable (KeyError: {err})") from None
     try:
         ok = _json_checksum(key, payload) == checksum
     except ValueError:  # NaN/inf in the payload
