@@ -239,3 +239,33 @@ def train_or_load(config: RunConfig, root: str | Path | None = None, *, progress
                 quarantine(path, str(err))
         train(config, root, progress=progress)
         return load_run(config, root, device)
+
+
+def load_run_dir(path: str | Path, device: str | None = None) -> Run:
+    """The finished run stored in the folder ``path`` (``<runs folder>/<key>/``), onto ``device``
+    (see :func:`load_run`), without knowing its config beforehand: the config is read from
+    ``path/config.json``, and the folder must be that config's cache entry (named by its key;
+    the key covers the corpus content, so the corpus files must be where the config says).
+    Raises FileNotFoundError or ValueError naming the path and what is missing, and
+    :class:`DamagedRunError` for an entry that fails verification."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a folder; accepted: a run folder <runs folder>/<key>/ "
+                                f"holding {', '.join(RUN_FILES)}")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        present = sorted(p.name for p in path.iterdir())[:8]
+        raise FileNotFoundError(f"{path}: not a run folder, it lacks config.json (a run folder holds "
+                                f"{', '.join(RUN_FILES)}; found {present or 'nothing'})")
+    stored = _read_json(config_file, dict)
+    try:
+        config = RunConfig.from_dict(stored)
+        key = config.key
+    except (TypeError, ValueError, KeyError) as err:
+        raise ValueError(f"{config_file}: does not describe a valid run ({err})") from None
+    if path.name != key:
+        # a copied or renamed folder: its name no longer says which run it is (the cache is keyed by name)
+        raise ValueError(f"{path}: the folder is named {path.name!r} but its config.json has the key {key!r}; "
+                         "a run folder must keep its key as its name, inside a runs folder (a different key also means "
+                         "that the corpus or the training code changed since the run was trained)")
+    return load_run(config, path.parent, device)
