@@ -49,7 +49,7 @@ def token_accuracy(reference_ids, predicted_ids) -> float:
 
 
 def distinct_outputs(sentences) -> int:
-    """The number of different sentences in ``sentences``: |{s_1, ..., s_n}| (exact string match).
+    """The number of different sentences in ``sentences``: ``len(set(sentences))`` (exact string match).
     1 along a homotopy means the decoder ignores where z is on the path."""
     return len(set(sentences))
 
