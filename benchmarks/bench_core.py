@@ -36,7 +36,7 @@ from tvae_core import native
 from tvae_core.data import iterate_batches, load_corpus
 from tvae_core.estimators import evaluate_log_likelihood, self_and_leave_one_out_terms
 from tvae_core.experiments import method_config
-from tvae_core.objectives import compute_loss
+from tvae_core.methods import compute_loss
 from tvae_core.profiles import get_profile
 from tvae_core.train import build_model, make_optimizer
 

@@ -18,7 +18,7 @@ import time
 import torch
 
 from tvae_core.experiments import method_config
-from tvae_core.objectives import compute_loss
+from tvae_core.methods import compute_loss
 from tvae_core.pretrained import (DEFAULT_DECODER, DEFAULT_ENCODER, build_pretrained_model,
                                   load_pretrained_corpus, packaged_weights_available, pretrained_config)
 from tvae_core.profiles import get_profile

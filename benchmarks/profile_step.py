@@ -23,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 from bench_core import training_batches  # this script's folder is on sys.path
 from tvae_core.data import load_corpus
 from tvae_core.experiments import method_config
-from tvae_core.objectives import compute_loss
+from tvae_core.methods import compute_loss
 from tvae_core.train import build_model, make_optimizer
 
 

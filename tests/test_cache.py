@@ -277,17 +277,17 @@ def test_the_training_code_version_sees_code_but_not_comments(monkeypatch, built
     from tvae_core import config as config_module
     from tvae_core.cache import source_fingerprint
 
-    source = (ROOT / "tvae_core" / "objectives.py").read_text()
+    source = (ROOT / "tvae_core" / "methods.py").read_text()
     anchor = "    beta = beta_at(step, config, max_steps)\n"
     assert anchor in source
 
-    def fingerprint(text, tmp=built["base"] / "objectives.py"):
+    def fingerprint(text, tmp=built["base"] / "methods.py"):
         tmp.write_text(text)
-        return source_fingerprint([tmp])["objectives.py"]
+        return source_fingerprint([tmp])["methods.py"]
 
     original = fingerprint(source)
     commented = source.replace(anchor, "    # a comment\n" + anchor.rstrip("\n") + "  # trailing\n")
-    redocumented = source.replace('"""Dispatch on ``config.name``', '"""Chooses by ``config.name``')
+    redocumented = source.replace('"""The loss of ``config.name``', '"""The loss under ``config.name``')
     assert fingerprint(commented) == original and fingerprint(redocumented) == original
     assert fingerprint(source.replace(anchor, anchor.replace("step,", "step + 1,"))) != original
     cfg = built["cfg"]

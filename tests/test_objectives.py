@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from tvae_core.config import ObjectiveConfig
-from tvae_core.objectives import (LagrangeMultiplier, beta_at, compute_loss, elbo_loss, free_bits_loss,
-                                  free_bits_rate, mdr_loss)
+from tvae_core.methods import beta_at, compute_loss
+from tvae_core.objectives import LagrangeMultiplier, elbo_loss, free_bits_loss, free_bits_rate, mdr_loss
 
 
 def _kl(values):

@@ -14,15 +14,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .config import FREE_BITS_VARIANTS, INJECTIONS, OBJECTIVES, RunConfig
+from .config import FREE_BITS_VARIANTS, INJECTIONS, RunConfig
+from .methods import METHODS
 from .profiles import PROFILE_NAMES
 
-_METHOD_OF_OBJECTIVE = {"vae": "VAE", "ae": "AE", "cyc": "CYC", "fb": "FB", "mdr": "MDR", "cyc_fb": "CYC-FB",
-                        "lm": "LM"}
-# flags that only some objectives read: given with another objective they would be ignored (or,
-# worse, change the run key of an identical run), so they are refused
-_OBJECTIVE_FLAGS = {"target_rate": ("fb", "mdr", "cyc_fb"), "free_bits_variant": ("fb", "cyc_fb"),
-                    "beta": ("beta_vae",), "mdr_lr": ("mdr",), "mdr_lambda_init": ("mdr",)}
+# flags that only some objectives read (Method.reads): given with another objective they would be
+# ignored (or, worse, change the run key of an identical run), so they are refused
+_OBJECTIVE_FLAGS = ("target_rate", "free_bits_variant", "beta", "mdr_lr", "mdr_lambda_init")
+
+
+def _objectives_reading(flag: str) -> tuple[str, ...]:
+    return tuple(m.name for m in METHODS.values() if flag in m.reads)
 # flags that build a config, hence meaningless next to --config
 _CONFIG_FLAGS = ("objective", "target_rate", "free_bits_variant", "beta", "injection", "word_dropout", "max_steps",
                  "mdr_lr", "mdr_lambda_init", "seed", "corpus", "threads")
@@ -55,7 +57,7 @@ def _corpus_data(path: str) -> dict:
 
 
 def _config_from_args(args) -> RunConfig:
-    from .experiments import base_config, method_config
+    from .experiments import method_config
 
     if args.config:
         given = [_flag(name) for name in _CONFIG_FLAGS if getattr(args, name) is not None]
@@ -64,18 +66,14 @@ def _config_from_args(args) -> RunConfig:
                              "accepted: --config alone, or the flags without --config")
         return _read_config_file(args.config)
     objective = args.objective or "vae"
-    for name, objectives in _OBJECTIVE_FLAGS.items():
+    for name in _OBJECTIVE_FLAGS:
+        objectives = _objectives_reading(name)
         if getattr(args, name) is not None and objective not in objectives:
             raise ValueError(f"{_flag(name)} does not apply to --objective {objective}; accepted with "
                              f"--objective {' / '.join(objectives)}")
     seed = 0 if args.seed is None else args.seed
-    if objective == "beta_vae":
-        beta = 1.0 if args.beta is None else args.beta
-        cfg = base_config(args.profile, seed).replace(objective={"name": "beta_vae", "beta": beta},
-                                                      label=f"beta-VAE {beta:g}")
-    else:
-        cfg = method_config(_METHOD_OF_OBJECTIVE[objective], args.profile, args.target_rate, seed,
-                            free_bits_variant=args.free_bits_variant or "example_dim")
+    cfg = method_config(objective, args.profile, args.target_rate, seed,
+                        free_bits_variant=args.free_bits_variant or "example_dim", beta=args.beta)
     data, model, train = {}, {}, {}
     if args.corpus is not None:
         data = _corpus_data(args.corpus)
@@ -216,16 +214,18 @@ def main(argv=None) -> int:
 
     train = sub.add_parser("train", help="train one run (or load it from the cache) and print its metrics")
     train.add_argument("--profile", default="default", choices=PROFILE_NAMES)
-    train.add_argument("--objective", default=None, choices=OBJECTIVES, help="default: vae")
-    train.add_argument("--target-rate", type=float, default=None, help="nats per sentence (fb, mdr, cyc_fb only)")
+    train.add_argument("--objective", default=None, choices=tuple(METHODS), help="default: vae")
+    only = {flag: ", ".join(_objectives_reading(flag)) for flag in _OBJECTIVE_FLAGS}
+    train.add_argument("--target-rate", type=float, default=None,
+                       help=f"nats per sentence ({only['target_rate']} only)")
     train.add_argument("--free-bits-variant", default=None, choices=FREE_BITS_VARIANTS,
-                       help="fb, cyc_fb only (default: example_dim)")
-    train.add_argument("--beta", type=float, default=None, help="beta_vae only (default: 1)")
+                       help=f"{only['free_bits_variant']} only (default: example_dim)")
+    train.add_argument("--beta", type=float, default=None, help=f"{only['beta']} only (default: 1)")
     train.add_argument("--injection", default=None, choices=INJECTIONS)
     train.add_argument("--word-dropout", type=float, default=None)
     train.add_argument("--max-steps", type=int, default=None)
-    train.add_argument("--mdr-lr", type=float, default=None, help="mdr only")
-    train.add_argument("--mdr-lambda-init", type=float, default=None, help="mdr only")
+    train.add_argument("--mdr-lr", type=float, default=None, help=f"{only['mdr_lr']} only")
+    train.add_argument("--mdr-lambda-init", type=float, default=None, help=f"{only['mdr_lambda_init']} only")
     train.add_argument("--seed", type=int, default=None, help="default: 0")
     train.add_argument("--corpus", default=None, metavar="PATH",
                        help="a local corpus instead of PTB: a text file with one sentence per line (split "

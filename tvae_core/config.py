@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .cache import canonical_json, sha256_file, source_fingerprint
+from .methods import get_method
 
 # Bump when a change makes old cached runs incompatible in a way the code hash cannot see (layout
 # of the cache itself).
@@ -36,8 +37,8 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 # The modules whose code decides what a run trains to: configs, corpus and tokeniser, model, LM
 # head, objectives, training loop, pretrained models and corpora. Evaluation code has its own
 # hash in the evaluation key (tvae_core.evaluation).
-TRAINING_SOURCES = ("config.py", "data.py", "model.py", "lm_head.py", "objectives.py", "train.py", "pretrained.py",
-                    "protocols.py")
+TRAINING_SOURCES = ("config.py", "data.py", "model.py", "lm_head.py", "objectives.py", "methods.py", "train.py",
+                    "pretrained.py", "protocols.py")
 
 
 @functools.lru_cache(maxsize=1)
@@ -118,14 +119,15 @@ DATA_SOURCES = ("ptb", "text", "hf")
 TOKENIZERS = ("word", "pretrained")
 INJECTIONS = ("memory", "embedding", "both", "none")
 POOLINGS = ("mean", "first")
-OBJECTIVES = ("vae", "ae", "cyc", "fb", "mdr", "cyc_fb", "beta_vae", "lm")
 FREE_BITS_VARIANTS = ("example_dim", "batch_dim", "total")
 BETA_SCHEDULES = ("constant", "linear", "cyclical")
+MDR_OPTIMIZERS = ("sgd", "rmsprop")
 
 
-def _check_choice(name: str, value: Any, accepted: tuple) -> None:
+def check_choice(name: str, value: Any, accepted) -> None:
+    """The one check of a field against its accepted values (every config of the package)."""
     if value not in accepted:
-        raise ValueError(f"{name}={value!r} is not accepted; accepted values: {accepted}")
+        raise ValueError(f"{name}={value!r} is not accepted; accepted values: {tuple(accepted)}")
 
 
 def _check_positive_int(name: str, value: Any, minimum: int = 1) -> None:
@@ -151,8 +153,8 @@ class DataConfig:
 
     def __post_init__(self):
         _check_types("data", self)
-        _check_choice("data.source", self.source, DATA_SOURCES)
-        _check_choice("data.tokenizer", self.tokenizer, TOKENIZERS)
+        check_choice("data.source", self.source, DATA_SOURCES)
+        check_choice("data.tokenizer", self.tokenizer, TOKENIZERS)
         if self.source in ("text", "hf") and not self.path:
             raise ValueError(f"data.path is required when data.source={self.source!r}")
         _check_positive_int("data.vocab_size", self.vocab_size, 10)
@@ -181,8 +183,8 @@ class ModelConfig:
 
     def __post_init__(self):
         _check_types("model", self)
-        _check_choice("model.injection", self.injection, INJECTIONS)
-        _check_choice("model.pooling", self.pooling, POOLINGS)
+        check_choice("model.injection", self.injection, INJECTIONS)
+        check_choice("model.pooling", self.pooling, POOLINGS)
         _check_positive_int("model.latent_dim", self.latent_dim)
         _check_positive_int("model.hidden_size", self.hidden_size)
         _check_positive_int("model.num_layers", self.num_layers)
@@ -203,8 +205,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    name: str = "vae"               # vae | ae | cyc | fb | mdr | cyc_fb | beta_vae | lm
-    target_rate: float | None = None  # nats per sequence; required by fb, mdr, cyc_fb
+    name: str = "vae"               # a method of the registry (tvae_core.methods.METHODS)
+    target_rate: float | None = None  # nats per sequence; required by the methods that take a target
     free_bits_variant: str = "example_dim"  # Optimus/thesis hinge per example and dimension
     beta: float = 1.0               # beta_vae only (constant weight on the rate)
     beta_schedule: str = "constant"  # vae: constant; cyc/cyc_fb: cyclical (set automatically)
@@ -216,13 +218,15 @@ class ObjectiveConfig:
     mdr_lr: float = 0.01            # SGD gradient-ascent step on u (the thesis code: RMSprop 5e-5, barely moved)
     mdr_rate_ema: float | None = None  # None: lambda sees the batch rate; else EMA decay in (0, 1)
     mdr_damping: float = 0.0        # c of the damped multiplier method (Platt & Barr 1988): + c/2 (r - R)^2; 0 = plain MDR
+    mdr_optimizer: str = "sgd"      # the multiplier's optimiser: sgd, or rmsprop (the thesis code; step ~ mdr_lr)
 
     def __post_init__(self):
         _check_types("objective", self)
-        _check_choice("objective.name", self.name, OBJECTIVES)
-        _check_choice("objective.free_bits_variant", self.free_bits_variant, FREE_BITS_VARIANTS)
-        _check_choice("objective.beta_schedule", self.beta_schedule, BETA_SCHEDULES)
-        if self.name in ("fb", "mdr", "cyc_fb"):
+        method = get_method(self.name)
+        check_choice("objective.free_bits_variant", self.free_bits_variant, FREE_BITS_VARIANTS)
+        check_choice("objective.beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        check_choice("objective.mdr_optimizer", self.mdr_optimizer, MDR_OPTIMIZERS)
+        if method.takes_target:
             if self.target_rate is None:
                 raise ValueError(f"objective.target_rate is required for objective.name={self.name!r}")
         if self.target_rate is not None:
@@ -287,10 +291,10 @@ class TrainConfig:
         _check_positive_int("train.lr_warmup_steps", self.lr_warmup_steps, 0)
         _check_positive_int("train.seed", self.seed, 0)
         _check_positive_int("train.gradient_accumulation_steps", self.gradient_accumulation_steps)
-        _check_choice("train.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
-        _check_choice("train.lm_head_dtype", self.lm_head_dtype, ("float32", "bfloat16"))
+        check_choice("train.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
+        check_choice("train.lm_head_dtype", self.lm_head_dtype, ("float32", "bfloat16"))
         _check_positive_int("train.sync_every", self.sync_every)
-        _check_choice("train.lm_head_kernel", self.lm_head_kernel, ("torch", "native"))
+        check_choice("train.lm_head_kernel", self.lm_head_kernel, ("torch", "native"))
         for name in ("learning_rate", "grad_clip"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -302,9 +306,9 @@ class TrainConfig:
 # TrainConfig fields that leave every number a run produces bit-identical (tested), so runs that
 # differ only in them share a key and a cache entry
 NOT_IN_KEY = ("sync_every",)
-# TrainConfig fields added after runs were cached: in the key only when they differ from their
+# Fields (section, name) added after runs were cached: in the key only when they differ from their
 # default, so every earlier run keeps its key
-IN_KEY_WHEN_SET = ("lm_head_kernel",)
+IN_KEY_WHEN_SET = (("train", "lm_head_kernel"), ("objective", "mdr_optimizer"))
 
 
 @dataclass(frozen=True)
@@ -316,8 +320,9 @@ class RunConfig:
     label: str = ""                 # human-readable; NOT part of the hash (same run, any label)
 
     def __post_init__(self):
-        if self.objective.name == "lm" and self.model.injection != "none":
-            raise ValueError("objective.name='lm' needs model.injection='none' (a decoder-only LM)")
+        needed = get_method(self.objective.name).injection
+        if needed is not None and self.model.injection != needed:
+            raise ValueError(f"objective.name={self.objective.name!r} needs model.injection={needed!r}")
 
     def to_dict(self, with_label: bool = True) -> dict:
         d = dataclasses.asdict(self)
@@ -334,10 +339,9 @@ class RunConfig:
         config = self.to_dict(False)
         for name in NOT_IN_KEY:
             config["train"].pop(name)
-        defaults = TrainConfig()
-        for name in IN_KEY_WHEN_SET:
-            if config["train"][name] == getattr(defaults, name):
-                config["train"].pop(name)
+        for section, name in IN_KEY_WHEN_SET:
+            if config[section][name] == getattr(_SECTIONS[section](), name):
+                config[section].pop(name)
         payload = {"cache_format_version": CACHE_FORMAT_VERSION, "config": config,
                    "corpus": corpus_fingerprint(self.data), "code": training_code_version()}
         return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:16]

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import typing
 
-_SIMPLE_TYPES = (bool, int, float, str)
-
 
 def _accepts(expected, value) -> bool:
     if expected is float:

@@ -54,19 +54,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ObjectiveConfig
-
 
 # ------------------------------------------------------------------------------ schedules
-def beta_at(step: int, config: ObjectiveConfig, max_steps: int) -> float:
-    """The weight on the rate at optimiser step ``step`` (0-based)."""
-    schedule = config.beta_schedule
-    if config.name in ("cyc", "cyc_fb"):
-        schedule = "cyclical"
-    if config.name == "ae":
-        return 0.0
+def scheduled_beta(step: int, schedule: str, config, max_steps: int, constant: float = 1.0) -> float:
+    """The weight on the rate at optimiser step ``step`` (0-based) under ``schedule``
+    (constant | linear | cyclical), with the schedule's settings read from ``config`` (an
+    ``ObjectiveConfig``); ``constant`` is the weight of the constant schedule. Which schedule a
+    method uses is its registry entry's business (:mod:`tvae_core.methods`)."""
     if schedule == "constant":
-        return config.beta if config.name == "beta_vae" else 1.0
+        return constant
     if schedule == "linear":
         if config.warmup_steps == 0:
             return 1.0
@@ -127,9 +123,16 @@ class LagrangeMultiplier(nn.Module):
         return self.smoothed_rate.clone()
 
     @staticmethod
-    def make_optimizer(multiplier: "LagrangeMultiplier", lr: float) -> torch.optim.Optimizer:
-        # plain SGD ascent: the step is lr * sigmoid(u) * (r - R), explicit and easy to reason about
-        return torch.optim.SGD(multiplier.parameters(), lr=lr, maximize=True)
+    def make_optimizer(multiplier: "LagrangeMultiplier", lr: float, kind: str = "sgd") -> torch.optim.Optimizer:
+        if kind == "sgd":
+            # plain SGD ascent: the step is lr * sigmoid(u) * (r - R), explicit and easy to reason about
+            return torch.optim.SGD(multiplier.parameters(), lr=lr, maximize=True)
+        if kind == "rmsprop":
+            # the thesis code (pytorch-constrained-opt): RMSprop, torch's defaults alpha 0.99,
+            # eps 1e-8, no momentum; the step is ~lr whatever the constraint's size
+            return torch.optim.RMSprop(multiplier.parameters(), lr=lr, alpha=0.99, eps=1e-8, momentum=0.0,
+                                       maximize=True)
+        raise ValueError(f"mdr_optimizer={kind!r} is not accepted; accepted values: ('sgd', 'rmsprop')")
 
 
 # ------------------------------------------------------------------------------ objectives
@@ -181,24 +184,3 @@ def mdr_loss(distortion, kl_per_dim, target_rate: float, multiplier: LagrangeMul
     if multiplier.rate_ema is not None:  # a buffer updated in place: copied now, whatever `read` says
         diagnostics["mdr_smoothed_rate"] = _scalar(multiplier.smoothed_rate.clone(), read)
     return loss, diagnostics
-
-
-def compute_loss(terms: dict[str, torch.Tensor], config: ObjectiveConfig, step: int, max_steps: int,
-                 multiplier: LagrangeMultiplier | None = None, *, read: bool = True):
-    """Dispatch on ``config.name``; returns ``(loss, diagnostics)`` (``read=False``: the diagnostics
-    that are tensors stay detached 0-d tensors on the terms' device)."""
-    distortion, kl_per_dim = terms["distortion"], terms["kl_per_dim"]
-    beta = beta_at(step, config, max_steps)
-    name = config.name
-    if name in ("vae", "cyc", "beta_vae", "ae"):
-        return elbo_loss(distortion, kl_per_dim, beta, read=read)
-    if name == "lm":
-        return elbo_loss(distortion, torch.zeros_like(kl_per_dim), 0.0, read=read)
-    if name in ("fb", "cyc_fb"):
-        return free_bits_loss(distortion, kl_per_dim, config.target_rate, config.free_bits_variant, beta,
-                              read=read)
-    if name == "mdr":
-        if multiplier is None:
-            raise ValueError("objective.name='mdr' needs a LagrangeMultiplier")
-        return mdr_loss(distortion, kl_per_dim, config.target_rate, multiplier, config.mdr_damping, read=read)
-    raise ValueError(f"objective.name={name!r} is not accepted")

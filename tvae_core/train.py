@@ -33,7 +33,8 @@ from .config import (CACHE_FORMAT_VERSION, RunConfig, TrainConfig, corpus_finger
 from .data import Corpus, Vocabulary, iterate_batches, load_corpus
 from .device import module_device, move_batch, resolve_device, synchronize
 from .model import TransformerVAE
-from .objectives import LagrangeMultiplier, compute_loss
+from .methods import compute_loss, get_method
+from .objectives import LagrangeMultiplier
 from .runs import publish_run_dir, runs_dir, write_json_atomic
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016): Var_x E_q[z_d] > 0.01
@@ -331,12 +332,13 @@ def _train(config: RunConfig, root: str | Path | None = None, *, progress: bool 
     vocab = corpus.vocab
     train_ids, valid_ids = corpus.token_ids("train"), corpus.token_ids("valid")
     vae = build_model(config, vocab)
-    multiplier = LagrangeMultiplier(oc.mdr_lambda_init, oc.mdr_rate_ema) if oc.name == "mdr" else None
+    method = get_method(oc.name)  # the method's own trainable state (the MDR multiplier), from its entry
+    multiplier = method.new_state(oc) if method.new_state else None
     module = TrainingModule(vae, multiplier)
     optimizer = make_optimizer(vae, tc)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / tc.lr_warmup_steps) if tc.lr_warmup_steps else 1.0)
-    multiplier_opt = LagrangeMultiplier.make_optimizer(multiplier, oc.mdr_lr) if multiplier else None
+    multiplier_opt = method.state_optimizer(multiplier, oc) if multiplier else None
 
     start_step, history = _resume(partial_dir, config, module, optimizer, scheduler, multiplier_opt)
     if start_step:

@@ -57,8 +57,3 @@ def check_ladder(name: str, values: Sequence[int]) -> tuple[int, ...]:
     if any(b <= a for a, b in zip(values, values[1:])):
         raise ValueError(f"{name} must be strictly increasing; got {values}")
     return values
-
-
-def check_choice(name: str, value, accepted: Sequence) -> None:
-    if value not in accepted:
-        raise ValueError(f"{name}={value!r} is not accepted; accepted values: {tuple(accepted)}")

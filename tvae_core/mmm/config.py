@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..config import check_choice
+
 FAMILIES = ("R1", "RD")
 GUIDES = ("map", "meanfield")
 SCALE_PRIORS = ("lognormal", "halfcauchy")
@@ -54,9 +56,9 @@ class MixedMembershipConfig:
     seed: int = 0                    # split, initialisation and SVI noise
 
     def __post_init__(self) -> None:
-        _check_choice("family", self.family, FAMILIES)
-        _check_choice("guide", self.guide, GUIDES)
-        _check_choice("scale_prior", self.scale_prior, SCALE_PRIORS)
+        check_choice("family", self.family, FAMILIES)
+        check_choice("guide", self.guide, GUIDES)
+        check_choice("scale_prior", self.scale_prior, SCALE_PRIORS)
         for name in ("num_components", "low_rank", "num_steps", "num_posterior_samples",
                      "kmeans_max_points"):
             _check_int(name, getattr(self, name), minimum=1)
@@ -82,11 +84,6 @@ class MixedMembershipConfig:
                       low_rank=mmm_size.low_rank)
         values.update(overrides)
         return cls(**values)
-
-
-def _check_choice(name: str, value, accepted: tuple[str, ...]) -> None:
-    if value not in accepted:
-        raise ValueError(f"{name}={value!r} is not supported; accepted values: {accepted}")
 
 
 def _check_int(name: str, value, minimum: int) -> None:

@@ -4,8 +4,12 @@ Colours are the Okabe-Ito colour-blind-safe palette.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import matplotlib.pyplot as plt
 import seaborn as sns
+
+from ..methods import METHODS
 
 # ------------------------------------------------------------------------------ style and palettes
 OKABE_ITO = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")
@@ -21,12 +25,30 @@ FIGURE_SIZES = {                      # inches, for one panel (multi-panel figur
     "bar": (7.0, 3.0),                # horizontal bar charts (a few rows)
 }
 
-METHOD_COLOURS = {                    # one colour per training method, everywhere in the book
-    "VAE": "#CC79A7", "AE": "#E69F00", "CYC": "#0072B2", "FB": "#D55E00", "MDR": "#009E73",
-    "CYC-FB": "#56B4E9", "prior": "#999999", "LM": "#8C564B",
-}
-METHOD_MARKERS = {"VAE": "*", "AE": "s", "CYC": "^", "FB": "o", "MDR": "P", "CYC-FB": "d",
-                  "prior": "x", "LM": "v"}
+
+
+class _MethodStyle(Mapping):
+    """Method label -> one style attribute of its registry entry (:data:`tvae_core.methods.METHODS`),
+    read at every access so that a method registered later has its colour too; plus the prior."""
+
+    def __init__(self, attribute: str, prior: str):
+        self._attribute, self._prior = attribute, prior
+
+    def _table(self) -> dict[str, str]:
+        return {**{m.label: getattr(m, self._attribute) for m in METHODS.values()}, "prior": self._prior}
+
+    def __getitem__(self, method: str) -> str:
+        return self._table()[method]
+
+    def __iter__(self):
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
+
+
+METHOD_COLOURS = _MethodStyle("colour", prior="#999999")  # one colour per training method, everywhere
+METHOD_MARKERS = _MethodStyle("marker", prior="x")
 
 TERM_COLOURS = {                      # the quantities of the rate-distortion picture
     "entropy": "#999999", "distortion": "#0072B2", "rate": "#D55E00",
@@ -123,7 +145,7 @@ def symlog_axis(ax, which: str = "x", linthresh: float = 10.0):
 
 
 def method_colour(method: str) -> str:
-    """The colour of a training method (VAE, AE, CYC, FB, MDR, CYC-FB, prior, LM)."""
+    """The colour of a training method (a registry label: VAE, AE, CYC, FB, MDR, CYC-FB, LM ...; or prior)."""
     if method not in METHOD_COLOURS:
         raise KeyError(f"method={method!r} has no colour; accepted values: {tuple(METHOD_COLOURS)}")
     return METHOD_COLOURS[method]

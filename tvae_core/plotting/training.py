@@ -20,6 +20,7 @@ import numpy as np
 from matplotlib.colors import to_hex, to_rgb
 from matplotlib.ticker import MaxNLocator
 
+from ..methods import method_of
 from .style import METHOD_COLOURS, METHOD_MARKERS, finish_axes, new_figure
 
 __all__ = [
@@ -61,16 +62,22 @@ def shades(colour: str, n: int, lightest: float = 0.45, darkest: float = 0.4) ->
     return out
 
 
-def run_styles(labels: Sequence[str], colours: Mapping[str, str] | None = None) -> dict[str, dict]:
+def run_styles(labels: Sequence[str], colours: Mapping[str, str] | None = None,
+               methods: Mapping[str, object] | None = None) -> dict[str, dict]:
     """Line/marker style per run label: the method's colour (shaded when a method has several
     runs, in the order given) and marker. ``colours`` overrides the colour of given labels.
+    ``methods``: label -> the run's method as data (a ``RunConfig``, a ``Run``, a registry entry,
+    name or label; :func:`tvae_core.methods.method_of`); labels not in it fall back to
+    :func:`method_of_label`.
 
     Returns ``{label: {"color": ..., "marker": ..., "method": ...}}``.
     """
     labels = list(labels)
+    methods = methods or {}
     by_method: dict[str, list[str]] = {}
     for label in labels:
-        by_method.setdefault(method_of_label(label), []).append(label)
+        method = method_of(methods[label]).label if label in methods else method_of_label(label)
+        by_method.setdefault(method, []).append(label)
     styles = {}
     for method, members in by_method.items():
         base = METHOD_COLOURS.get(method, _NEUTRAL)
@@ -111,17 +118,18 @@ def plot_training_curves(histories: Mapping[str, Mapping], quantity: str = "rate
                          window: int = 25, show_train: bool = True, show_valid: bool = True,
                          colours: Mapping[str, str] | None = None, ylabel: str | None = None,
                          title: str | None = None, logy: bool = False, legend: bool = True,
-                         targets: Mapping[str, float] | None = None):
+                         targets: Mapping[str, float] | None = None, methods: Mapping[str, object] | None = None):
     """One quantity over training, one colour per run.
 
     Training values (one minibatch per step) are drawn thin, smoothed with a ``window``-step
     moving average; validation values (the held-out validation subset, every ``eval_every``
     steps) are drawn as a line with markers. ``targets`` (label -> target rate) adds a dashed
-    horizontal line per run. ``histories``: label -> ``Run.history``.
+    horizontal line per run. ``histories``: label -> ``Run.history``; ``methods``: label -> the
+    run's config (or method), see :func:`run_styles`.
     """
     if ax is None:
         ax = new_figure("single")[1][0, 0]
-    styles = run_styles(list(histories), colours)
+    styles = run_styles(list(histories), colours, methods)
     for label, history in histories.items():
         style = styles[label]
         if show_train:
@@ -156,7 +164,9 @@ def _annotate_targets(ax, table, x: str, y: str, styles: Mapping[str, dict]) -> 
 
 
 def _scatter_runs(ax, table, x: str, y: str, colours, marker_size: float) -> dict[str, dict]:
-    styles = run_styles(list(table.index), colours)
+    # a table with a ``method`` column (label -> registry label) carries each run's method as data
+    methods = table["method"].to_dict() if "method" in table else None
+    styles = run_styles(list(table.index), colours, methods)
     seen = []
     for label, row in table.iterrows():
         style = styles[label]
@@ -278,7 +288,7 @@ def plot_achieved_vs_target(table, ax=None, colours: Mapping[str, str] | None = 
 def plot_multiplier_trajectories(histories: Mapping[str, Mapping], ax=None, window: int = 1,
                                  colours: Mapping[str, str] | None = None, title: str | None = None,
                                  legend: bool = True, quantity: str = "mdr_lambda",
-                                 ylabel: str = r"multiplier $\lambda_t$"):
+                                 ylabel: str = r"multiplier $\lambda_t$", methods: Mapping[str, object] | None = None):
     """The MDR Lagrange multiplier lambda_t (logged at every optimiser step) for several runs.
 
     The MDR loss D + R + lambda (r - R) weighs the rate by 1 - lambda: lambda = 0 is the plain
@@ -287,7 +297,7 @@ def plot_multiplier_trajectories(histories: Mapping[str, Mapping], ax=None, wind
     """
     if ax is None:
         ax = new_figure("single")[1][0, 0]
-    styles = run_styles(list(histories), colours)
+    styles = run_styles(list(histories), colours, methods)
     for label, history in histories.items():
         steps, values = _train_series(history, quantity)
         if steps.size:
@@ -299,13 +309,14 @@ def plot_multiplier_trajectories(histories: Mapping[str, Mapping], ax=None, wind
 
 def plot_rate_against_target(histories: Mapping[str, Mapping], targets: Mapping[str, float], ax=None,
                              window: int = 25, colours: Mapping[str, str] | None = None,
-                             title: str | None = None, legend: bool = True, logy: bool = False):
+                             title: str | None = None, legend: bool = True, logy: bool = False,
+                             methods: Mapping[str, object] | None = None):
     """Training rate (smoothed batch values) and validation rate per run, each with its target
     as a dashed line of the same colour (``logy``: symmetric-log axis, for rates that swing
     over orders of magnitude)."""
     return plot_training_curves(histories, "rate", ax=ax, window=window, colours=colours,
                                 ylabel="rate $R$ (nats)", title=title, legend=legend, targets=targets,
-                                logy=logy)
+                                logy=logy, methods=methods)
 
 
 # ------------------------------------------------------------------------------ latent dimensions

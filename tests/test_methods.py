@@ -1,0 +1,147 @@
+"""The method registry: every method of the book keeps its run key, a new objective is one entry,
+and the thesis code's MDR multiplier moves as that code's RMSprop did."""
+import math
+
+import pytest
+import torch
+
+from helpers import tiny_config, write_corpus
+from tvae_core import config as config_module
+from tvae_core import plotting
+from tvae_core.config import ObjectiveConfig
+from tvae_core.experiments import all_book_runs, method_config, thesis_mdr
+from tvae_core.methods import METHODS, Method, compute_loss, get_method, method_of, register_method
+from tvae_core.objectives import elbo_loss
+
+# The keys of every run of the book (smoke and default) and of method_config at 16 nats, computed
+# on the tree before the registry existed (its parent commit) with the training-code hash pinned
+# to "pinned": the code hash moves with any edit of the training modules by design (config.py),
+# every other part of the key (config, corpus, cache format) must not.
+KEYS_BEFORE_THE_REGISTRY = {
+    'smoke|VAE': '504304345ef945e3',
+    'smoke|VAE, word dropout 0.5': 'fcb467ab9f9385aa',
+    'smoke|VAE, word dropout 1': '31c9302a421f3748',
+    'smoke|LM': '0c2f34c159ad4a0d',
+    'smoke|AE': '7ea67004c527f45d',
+    'smoke|CYC': 'af16da4bb12d3749',
+    'smoke|FB 2': '0d89ff04487f6fe0',
+    'smoke|FB 4': 'b6c80591526702f5',
+    'smoke|MDR 2': 'ddc2dfe69c93b5bc',
+    'smoke|MDR 4': '5d796e4f6c9ae094',
+    'smoke|CYC-FB 2': '2361019bc5ae284c',
+    'smoke|CYC-FB 4': '6ed6113a69c22a19',
+    'smoke|FB 4 (batch_dim)': '3f67ae13d3f757ba',
+    'smoke|FB 4 (total)': '7025b9d4881b7395',
+    'smoke|MDR 4 (undamped)': '843ae79898344c11',
+    'default|VAE': 'cb682b7caa1bd4c3',
+    'default|VAE, word dropout 0.5': '1edd4552749f3c39',
+    'default|VAE, word dropout 1': '5153f30f39a5921a',
+    'default|LM': '956838440569a321',
+    'default|AE': 'b28f844df63ae72b',
+    'default|CYC': 'c54c91124586c54a',
+    'default|FB 4': '4e7b1fb28783a41e',
+    'default|FB 8': 'e863b0d1be77397a',
+    'default|FB 16': 'c5cfff0d3cf2f148',
+    'default|FB 24': '1ec9be2ab96cf3a1',
+    'default|FB 32': 'e877b5fc79d4f8f1',
+    'default|MDR 4': 'd747e463f158483e',
+    'default|MDR 8': 'dcf8be4aefdb34da',
+    'default|MDR 16': 'f7c06f53c538ff91',
+    'default|MDR 24': 'e0abfb15922108a8',
+    'default|MDR 32': 'e3311e459ec1dbb9',
+    'default|CYC-FB 4': '5f85efec2cd1e491',
+    'default|CYC-FB 8': 'cc763af97a649fff',
+    'default|CYC-FB 16': '604bbc462bfde8d4',
+    'default|CYC-FB 24': '60dce330bcbfdfee',
+    'default|CYC-FB 32': 'c39da523cda2c84e',
+    'default|FB 16 (batch_dim)': '85cb8cd82c36f196',
+    'default|FB 16 (total)': 'f39c58acfb9c198d',
+    'default|MDR 16 (undamped)': '0ef1a11152284ae9',
+    'method_config|VAE': 'cb682b7caa1bd4c3',
+    'method_config|AE': 'b28f844df63ae72b',
+    'method_config|CYC': 'c54c91124586c54a',
+    'method_config|FB': 'c5cfff0d3cf2f148',
+    'method_config|MDR': 'f7c06f53c538ff91',
+    'method_config|CYC-FB': '604bbc462bfde8d4',
+    'method_config|LM': '956838440569a321',
+}
+
+
+def test_every_run_of_the_book_keeps_its_key(monkeypatch):
+    monkeypatch.setattr(config_module, "training_code_version", lambda: "pinned")
+    keys = {f"{profile}|{label}": cfg.key for profile in ("smoke", "default")
+            for label, cfg in all_book_runs(profile).items()}
+    for method in ("VAE", "AE", "CYC", "FB", "MDR", "CYC-FB", "LM"):
+        target = 16.0 if get_method(method).takes_target else None
+        keys[f"method_config|{method}"] = method_config(method, "default", target).key
+    assert keys == KEYS_BEFORE_THE_REGISTRY
+
+
+def test_every_config_name_is_an_entry_and_runs_carry_their_method():
+    assert tuple(METHODS) == ("vae", "ae", "cyc", "fb", "mdr", "cyc_fb", "beta_vae", "lm")
+    cfg = method_config("CYC-FB", "smoke", 4.0)
+    assert method_of(cfg) is get_method("cyc_fb") and method_of(cfg.objective).label == "CYC-FB"
+    with pytest.raises(ValueError, match=r"objective\.name='nope'.*'mdr'"):
+        ObjectiveConfig(name="nope")
+
+
+def _fixed_half_beta(distortion, kl_per_dim, config, beta, state, read):
+    return elbo_loss(distortion, kl_per_dim, 0.5, read=read)
+
+
+@pytest.fixture
+def toy_method():
+    method = register_method(Method("toy_half", "TOY", _fixed_half_beta, colour="#123456", marker="X"))
+    yield method
+    del METHODS[method.name]
+
+
+def test_a_new_objective_is_one_entry(toy_method, tmp_path, monkeypatch):
+    """Registered in one place, the toy objective passes config validation, trains through the run
+    cache, has its colour in figures and is a choice of the command line."""
+    from tvae_core import cli
+    from tvae_core.runs import train_or_load
+
+    monkeypatch.setattr("tvae_core.data.DEFAULT_CACHE_DIR", tmp_path / "data-cache")
+    cfg = tiny_config(write_corpus(tmp_path / "corpus.txt"), "toy_half", max_steps=2)
+    run = train_or_load(cfg, tmp_path / "runs", progress=False)
+    assert len(run.history["train"]) == 2 and all(h["beta"] == 0.5 for h in run.history["train"])
+    assert plotting.METHOD_COLOURS["TOY"] == "#123456" and plotting.method_colour("TOY") == "#123456"
+    style = plotting.run_styles(["a toy run"], methods={"a toy run": run.config})["a toy run"]
+    assert style["color"] == "#123456" and style["marker"] == "X" and style["method"] == "TOY"
+
+    seen = {}
+    monkeypatch.setattr(cli, "cmd_train", lambda args: seen.setdefault("cfg", cli._config_from_args(args)) and 0)
+    assert cli.main(["train", "--objective", "toy_half", "--profile", "smoke"]) == 0
+    assert seen["cfg"].objective.name == "toy_half" and seen["cfg"].label == "TOY"
+
+
+def _multiplier_steps(objective, steps: int) -> float:
+    """u after ``steps`` multiplier updates with the constraint violated throughout (R = 0 < r)."""
+    method = get_method(objective.name)
+    state = method.new_state(objective)
+    optimizer = method.state_optimizer(state, objective)
+    terms = {"distortion": torch.ones(4), "kl_per_dim": torch.zeros(4, 2)}
+    for step in range(steps):
+        loss, _ = compute_loss(terms, objective, step, steps, state)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return state.u.item()
+
+
+def test_the_thesis_mdr_multiplier_moves_by_about_lr_per_step():
+    cfg = thesis_mdr("smoke", 4.0)
+    objective = cfg.objective
+    assert cfg.label == "MDR 4 (thesis)" and objective.mdr_optimizer == "rmsprop" and objective.mdr_damping == 0
+    assert get_method("mdr").new_state(objective).value.item() == pytest.approx(math.log(2.0))  # u0 = 0
+    steps, lr = 400, objective.mdr_lr
+    moved = _multiplier_steps(objective, steps)
+    # RMSprop (alpha 0.99) with a near-constant gradient g: step t is lr g / sqrt((1 - 0.99^t) g^2)
+    expected = lr * sum(1 / math.sqrt(1 - 0.99 ** t) for t in range(1, steps + 1))
+    assert moved == pytest.approx(expected, rel=0.01)
+    assert lr < moved / steps < 1.5 * lr
+    # the book's MDR: SGD at mdr_lr, step lr sigmoid(u) (r - R): hundreds of times further here (~600)
+    book = method_config("MDR", "smoke", 4.0).objective
+    book_u0 = get_method("mdr").new_state(book).u.item()
+    assert _multiplier_steps(book, steps) - book_u0 > 100 * moved
