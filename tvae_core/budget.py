@@ -142,3 +142,44 @@ def budget_table(rows: list[dict]) -> str:
             f"{row['reconstruction']['token_accuracy']:.3f} / {row['reconstruction_from_prior_mean']['token_accuracy']:.3f} | "
             f"{seconds} |")
     return "\n".join(lines) + "\n"
+
+
+def budget_mmm(runs: dict, profile, *, seed: int = 0, family: str = "RD", progress: bool = False) -> dict:
+    """The mixed membership model (notebook 04's recipe) on the runs of one budget: one group of
+    z ~ q(z|x) per run (``samples_per_group`` test sentences at random), a prior group and a
+    second prior group (the calibration: what the estimator reports for marginal KL 0).
+
+    ``runs``: label -> finished run. Returns ``{"floor": (kl, se), "groups": {label: {...}}}``
+    with each group's rate (of its sampled sentences), marginal KL, its standard error and the
+    index-code MI R - KL, all in nats.
+    """
+    from .evaluation import posterior_parameters
+    from .mmm import MixedMembershipConfig, fit_mixed_membership, prior_samples
+    from .profiles import get_profile
+
+    p = get_profile(profile) if isinstance(profile, str) else profile
+    calibration = "prior (calibration)"
+    latent_dim = p.model.latent_dim
+    generator = torch.Generator().manual_seed(seed)
+    samples, rates = {}, {}
+    for label, run in runs.items():
+        loc, scale = posterior_parameters(run, p, seed=seed)                       # [N, D]
+        n = min(p.mmm.samples_per_group, loc.shape[0])
+        chosen = torch.randperm(loc.shape[0], generator=generator)[:n]
+        z = est.sample_aggregate_posterior(loc[chosen], scale[chosen], 1, generator)   # [1, n, D]
+        samples[label] = z.reshape(n, latent_dim).float()
+        rates[label] = float(est.kl_per_dimension(loc[chosen], scale[chosen]).sum())
+    n = min(s.shape[0] for s in samples.values())
+    samples = {"prior": prior_samples(n, latent_dim, seed=10_000 + seed),
+               calibration: prior_samples(n, latent_dim, seed=20_000 + seed), **samples}
+    rates = {"prior": 0.0, calibration: 0.0, **rates}
+    config = MixedMembershipConfig.from_profile(p.mmm, family=family, seed=seed)
+    fit = fit_mixed_membership(samples, config, rates=rates, calibration_group=calibration, progress=progress)
+    groups = {}
+    for label in runs:
+        g = fit.index(label)
+        groups[label] = {"rate": rates[label], "marginal_kl": float(fit.marginal_kl[g]),
+                         "marginal_kl_se": float(fit.marginal_kl_se[g]),
+                         "index_code_mi": float(fit.index_code_mi[g])}
+    return {"family": family, "floor": fit.calibration_floor(), "groups": groups,
+            "samples_per_group": n, "fit_seconds": fit.fit_seconds}
