@@ -106,6 +106,33 @@ def collapse_study(profile: str | Profile, word_dropouts=(0.5, 1.0), seed: int =
     return runs
 
 
+BUDGET_METHODS = (("VAE", None), ("AE", None), ("FB", 8.0), ("FB", 32.0), ("MDR", 8.0), ("MDR", 32.0))
+
+
+def budget_study(profile: str | Profile, seed: int = 0) -> dict[str, RunConfig]:
+    """VAE, AE, FB 8, FB 32, MDR 8 and MDR 32 at every budget of ``training.budget_steps``
+    (label -> config, e.g. "MDR 32 @ 3000"; the method, target and budget stay in the config).
+
+    Every budget uses the warm-up of the smallest one: the learning rate is then the same function
+    of the step for all budgets (constant after warm-up) and batches and noise are seeded per step,
+    so a shorter run replays the first steps of a longer one, up to float rounding. Each budget is
+    still its own cached run, so the study costs the sum of the budgets per method. Trained with
+    the compiled LM head and diagnostics read every 50 steps: the same numbers to float rounding,
+    1.5x faster on a CPU (benchmarks/README.md).
+    """
+    p = get_profile(profile) if isinstance(profile, str) else profile
+    warmup = min(100, max(1, min(p.training.budget_steps) // 10))
+    runs: dict[str, RunConfig] = {}
+    for steps in p.training.budget_steps:
+        for method, target in BUDGET_METHODS:
+            cfg = method_config(method, p, target, seed)
+            cfg = cfg.replace(train={"max_steps": steps, "lr_warmup_steps": warmup, "lm_head_kernel": "native",
+                                     "sync_every": 50},
+                              label=f"{cfg.label} @ {steps}")
+            runs[cfg.label] = cfg
+    return runs
+
+
 def all_book_runs(profile: str | Profile, seed: int = 0) -> dict[str, RunConfig]:
     """Every run the book's notebooks train (label -> config), de-duplicated by cache key."""
     p = get_profile(profile) if isinstance(profile, str) else profile

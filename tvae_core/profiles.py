@@ -24,6 +24,9 @@ class TrainingSize:
     lm_head_dtype: str = "float32"  # the blocked LM head's matmuls in training (TrainConfig.lm_head_dtype)
     mixed_precision: str = "no"  # Accelerate's autocast in training (TrainConfig.mixed_precision)
     sync_every: int = 1          # host reads of the diagnostics every N steps (TrainConfig.sync_every)
+    # the training budgets (optimiser steps) of the budget study (experiments.budget_study), one
+    # cached run each; the study costs their sum per method
+    budget_steps: tuple[int, ...] = (600, 1500, 3000, 6000)
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,7 @@ PROFILES: dict[str, Profile] = {
         name="smoke",
         training=TrainingSize(max_steps=30, batch_size=16, eval_every=15, checkpoint_every=15,
                               max_train_sentences=512, max_eval_sentences=64, max_test_sentences=64,
-                              max_length=32, lm_head_dtype="bfloat16"),
+                              max_length=32, lm_head_dtype="bfloat16", budget_steps=(10, 20)),
         model=ModelSize(hidden_size=32, num_layers=1, num_heads=2, latent_dim=8, vocab_size=2_000),
         estimators=EstimatorSize(iw_num_samples=8, iw_max_sentences=32,
                                  mmd_num_samples=64, mmd_permutations=50),

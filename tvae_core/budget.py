@@ -1,0 +1,187 @@
+"""The training-budget study (issue 18): what each run of :func:`tvae_core.experiments.budget_study`
+measures, and the table of them.
+
+Per run: the cached test-split evaluation (:func:`tvae_core.evaluation.evaluate_run`), the
+aggregate-posterior index-code MI and marginal KL on the whole *training* split (log N = 10.6 for
+PTB, where the test split's ceiling is log 3761 = 8.2), active units, and the greedy
+reconstruction token accuracy from the posterior mean and, as the baseline that ignores x, from
+z = 0 (the prior mean). An estimate at its ceiling (MI) or floor (marginal KL) is flagged in the
+table, never reported as the value.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from . import estimators as est
+from .data import iterate_batches
+
+
+@dataclass(frozen=True)
+class ReconstructionAccuracy:
+    """Greedy reconstruction of held-out sentences, compared position by position."""
+    token_accuracy: float        # matching tokens / target tokens (w_1..w_n [EOS]), micro-averaged
+    sentence_accuracy: float     # sentences reproduced exactly, [EOS] included
+    num_sentences: int
+    num_tokens: int
+
+
+@torch.no_grad()
+def reconstruction_accuracy(model, sequences: list[list[int]], pad_id: int, *, from_prior_mean: bool = False,
+                            batch_size: int = 64) -> ReconstructionAccuracy:
+    """Encode each ``[BOS] w_1..w_n [EOS]`` sequence, decode z = E_q[z|x] greedily (or z = 0 with
+    ``from_prior_mean``: what the decoder writes without information about x) and count the
+    positions i where the generated token equals w_i (the target being w_1..w_n [EOS]).
+
+    A generated sentence shorter than the target counts its missing positions as wrong; longer,
+    its extra tokens are ignored (they cost nothing in token accuracy, only in the sentence one).
+    """
+    if not sequences:
+        raise ValueError("sequences is empty")
+    device = next(model.parameters()).device
+    correct = total = exact = 0
+    for batch in iterate_batches(sequences, batch_size, pad_id, shuffle=False, bucket=False):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        z = model.encode(batch).loc                                               # [B, D]
+        if from_prior_mean:
+            z = torch.zeros_like(z)
+        mask = batch["attention_mask"].bool()
+        targets = [row[m][1:].tolist() for row, m in zip(batch["input_ids"], mask)]   # drop [BOS]
+        generated = model.generate(z, max_new_tokens=max(len(t) for t in targets), greedy=True)
+        for target, output in zip(targets, generated):
+            matches = sum(a == b for a, b in zip(target, output))
+            correct += matches
+            total += len(target)
+            exact += int(output == target)
+    return ReconstructionAccuracy(token_accuracy=correct / total, sentence_accuracy=exact / len(sequences),
+                                  num_sentences=len(sequences), num_tokens=total)
+
+
+def budget_measures(run, profile, *, recon_sentences: int = 200, seed: int = 0, progress: bool = False) -> dict:
+    """Everything the budget table shows for one finished run (a JSON-able dict). The method,
+    target and budget come from the run's config, never from its label."""
+    from .evaluation import evaluate_run, evaluation_corpus
+
+    cfg = run.config
+    ev = evaluate_run(run, profile, progress=progress)
+    started = time.time()
+    corpus = evaluation_corpus(run)
+    model = run.model.eval()
+    train_seqs = corpus.token_ids("train")
+    params = est.collect_posterior_parameters(
+        model, iterate_batches(train_seqs, 256, run.vocab.pad_id, shuffle=False, bucket=False), progress=progress)
+    with_self, loo = est.self_and_leave_one_out_terms(params.loc, params.scale,
+                                                      generator=torch.Generator().manual_seed(seed))
+    units = est.active_units(params.loc)
+    test_seqs = corpus.token_ids("test")[:recon_sentences]
+    recon = reconstruction_accuracy(model, test_seqs, run.vocab.pad_id)
+    recon_prior = reconstruction_accuracy(model, test_seqs, run.vocab.pad_id, from_prior_mean=True)
+    mi, kl = with_self.mutual_information, with_self.marginal_kl
+    return {
+        "label": cfg.label, "objective": cfg.objective.name, "target_rate": cfg.objective.target_rate,
+        "steps": cfg.train.max_steps, "batch_size": cfg.train.batch_size, "run_key": cfg.key,
+        "train_seconds": run.meta.get("train_seconds_this_process"),
+        "seconds_per_step": (run.meta.get("timing") or {}).get("seconds_per_step"),
+        "test": {k: v for k, v in ev.as_dict().items() if k != "kl_per_dimension"},
+        "train_split": {
+            "num_points": with_self.num_points, "rate": with_self.rate,
+            "mutual_information": mi.value, "mutual_information_ceiling": mi.ceiling,
+            "mutual_information_at_ceiling": bool(mi.at_ceiling),
+            "mutual_information_loo": loo.mutual_information.value,
+            "marginal_kl": kl.value, "marginal_kl_floor": kl.floor, "marginal_kl_at_floor": bool(kl.at_floor),
+            "marginal_kl_loo": loo.marginal_kl.value, "active_units": units.num_active,
+        },
+        "reconstruction": asdict(recon), "reconstruction_from_prior_mean": asdict(recon_prior),
+        "seconds": time.time() - started,
+    }
+
+
+def _limited(value: float, limit: float, at_limit: bool, sign: str) -> str:
+    """'9.87' or '>= 10.59 (ceiling)' / '<= 1.2 (floor)': a value at its limit is a bound, not a value."""
+    if at_limit:
+        return f"{sign} {value:.2f} ({'ceiling' if sign == '>=' else 'floor'} {limit:.2f})"
+    return f"{value:.2f}"
+
+
+def _method(row: dict) -> str:
+    names = {"vae": "VAE", "ae": "AE", "fb": "FB", "mdr": "MDR"}
+    name = names.get(row["objective"], row["objective"])
+    return name if row["target_rate"] is None else f"{name} {row['target_rate']:g}"
+
+
+def budget_table(rows: list[dict]) -> str:
+    """A markdown table, one row per method x budget (ordered by method, then budget).
+
+    MI with the self term is a lower estimate capped at log N; marginal KL with the self term an
+    upper estimate with floor rate - log N; each shown as a bound when within 0.1 nat of its limit.
+    """
+    order = {("vae", None): 0, ("ae", None): 1}
+    def key(row):
+        return (order.get((row["objective"], row["target_rate"]), 2), row["objective"],
+                row["target_rate"] or 0.0, row["steps"])
+    header = ("| method | steps | rate | distortion | ELBO | IW LL (K, n) | MI test | MI train | "
+              "marginal KL test | marginal KL train [LOO] | AU | recon acc z=mean / z=0 | train s (s/step) |")
+    lines = [header, "|" + "|".join(["---"] + ["---:"] * 12) + "|"]
+    for row in sorted(rows, key=key):
+        t, tr = row["test"], row["train_split"]
+        mi_test = _limited(t["mutual_information"], t["mutual_information_ceiling"], t["mutual_information_at_ceiling"], ">=")
+        # the same samples give MI + marginal KL = rate, so the KL is at its floor exactly when the
+        # MI is at its ceiling (the test evaluation stores the one flag)
+        kl_test = _limited(t["marginal_kl"], t["marginal_kl"], t["mutual_information_at_ceiling"], "<=")
+        mi_train = _limited(tr["mutual_information"], tr["mutual_information_ceiling"],
+                            tr["mutual_information_at_ceiling"], ">=")
+        kl_train = _limited(tr["marginal_kl"], tr["marginal_kl_floor"], tr["marginal_kl_at_floor"], "<=")
+        if "marginal_kl_loo" in tr:  # the leave-one-out estimate is biased down: with the above, a bracket
+            kl_train += f" [{tr['marginal_kl_loo']:.2f}]"
+        sps = row.get("seconds_per_step")
+        seconds = f"{row['train_seconds']:.0f} ({sps:.3f})" if row.get("train_seconds") and sps else "-"
+        lines.append(
+            f"| {_method(row)} | {row['steps']} | {t['rate']:.2f} | {t['distortion']:.2f} | {t['elbo']:.2f} | "
+            f"{t['iw_log_likelihood']:.2f} ({t['iw_num_samples']}, {t['iw_num_sentences']}) | {mi_test} | {mi_train} | "
+            f"{kl_test} | {kl_train} | {t['active_units']} | "
+            f"{row['reconstruction']['token_accuracy']:.3f} / {row['reconstruction_from_prior_mean']['token_accuracy']:.3f} | "
+            f"{seconds} |")
+    return "\n".join(lines) + "\n"
+
+
+def budget_mmm(runs: dict, profile, *, seed: int = 0, family: str = "RD", progress: bool = False) -> dict:
+    """The mixed membership model (notebook 04's recipe) on the runs of one budget: one group of
+    z ~ q(z|x) per run (``samples_per_group`` test sentences at random), a prior group and a
+    second prior group (the calibration: what the estimator reports for marginal KL 0).
+
+    ``runs``: label -> finished run. Returns ``{"floor": (kl, se), "groups": {label: {...}}}``
+    with each group's rate (of its sampled sentences), marginal KL, its standard error and the
+    index-code MI R - KL, all in nats.
+    """
+    from .evaluation import posterior_parameters
+    from .mmm import MixedMembershipConfig, fit_mixed_membership, prior_samples
+    from .profiles import get_profile
+
+    p = get_profile(profile) if isinstance(profile, str) else profile
+    calibration = "prior (calibration)"
+    latent_dim = p.model.latent_dim
+    generator = torch.Generator().manual_seed(seed)
+    samples, rates = {}, {}
+    for label, run in runs.items():
+        loc, scale = posterior_parameters(run, p, seed=seed)                       # [N, D]
+        n = min(p.mmm.samples_per_group, loc.shape[0])
+        chosen = torch.randperm(loc.shape[0], generator=generator)[:n]
+        z = est.sample_aggregate_posterior(loc[chosen], scale[chosen], 1, generator)   # [1, n, D]
+        samples[label] = z.reshape(n, latent_dim).float()
+        rates[label] = float(est.kl_per_dimension(loc[chosen], scale[chosen]).sum())
+    n = min(s.shape[0] for s in samples.values())
+    samples = {"prior": prior_samples(n, latent_dim, seed=10_000 + seed),
+               calibration: prior_samples(n, latent_dim, seed=20_000 + seed), **samples}
+    rates = {"prior": 0.0, calibration: 0.0, **rates}
+    config = MixedMembershipConfig.from_profile(p.mmm, family=family, seed=seed)
+    fit = fit_mixed_membership(samples, config, rates=rates, calibration_group=calibration, progress=progress)
+    groups = {}
+    for label in runs:
+        g = fit.index(label)
+        groups[label] = {"rate": rates[label], "marginal_kl": float(fit.marginal_kl[g]),
+                         "marginal_kl_se": float(fit.marginal_kl_se[g]),
+                         "index_code_mi": float(fit.index_code_mi[g])}
+    return {"family": family, "floor": fit.calibration_floor(), "groups": groups,
+            "samples_per_group": n, "fit_seconds": fit.fit_seconds}
