@@ -308,14 +308,14 @@ def _train(config: RunConfig, root: str | Path | None = None, *, progress: bool 
     from accelerate import Accelerator
 
     tc, oc = config.train, config.objective
-    # the LR schedule counts optimiser steps, stepped by hand on synchronised steps only (Accelerate's
-    # default would step it once per process)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         # Accelerate keeps one process-wide state; a run's own mixed precision must not depend on
         # the runs trained before it in the same process (a notebook, the GPU check)
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state()
+    # the LR schedule counts optimiser steps, stepped by hand on synchronised steps only (Accelerate's
+    # default would step it once per process)
     accelerator = Accelerator(gradient_accumulation_steps=tc.gradient_accumulation_steps,
                               mixed_precision=tc.mixed_precision, cpu=resolve_device().type == "cpu",
                               step_scheduler_with_optimizer=False)
