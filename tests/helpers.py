@@ -29,3 +29,21 @@ def tiny_config(corpus: Path, objective: str = "vae", target_rate: float | None 
                           lr_warmup_steps=2, seed=seed, lm_head_dtype=lm_head_dtype),
         label=f"tiny-{objective}",
     )
+
+
+def poison_distortion(monkeypatch, at_call: int = 3) -> None:
+    """Make the ``at_call``-th ``TransformerVAE.forward_terms`` of the test return a NaN
+    distortion (the training step ``at_call - 1``): the divergence tests' trigger."""
+    from tvae_core.model import TransformerVAE
+
+    original = TransformerVAE.forward_terms
+    calls = {"n": 0}
+
+    def poisoned(self, batch):
+        terms = original(self, batch)
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            terms["distortion"] = terms["distortion"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(TransformerVAE, "forward_terms", poisoned)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import tiny_config, write_corpus
+from helpers import poison_distortion, tiny_config, write_corpus
 from tvae_core.train import TrainingDiverged, train
 
 pytestmark = pytest.mark.slow
@@ -43,19 +43,7 @@ def test_deferred_diagnostics_give_the_same_history_and_weights(corpus, tmp_path
 
 
 def test_deferred_diagnostics_name_the_first_non_finite_step(corpus, tmp_path, monkeypatch):
-    from tvae_core.model import TransformerVAE
-
-    original = TransformerVAE.forward_terms
-    calls = {"n": 0}
-
-    def poisoned(self, batch):
-        terms = original(self, batch)
-        calls["n"] += 1
-        if calls["n"] == 3:
-            terms["distortion"] = terms["distortion"] * float("nan")
-        return terms
-
-    monkeypatch.setattr(TransformerVAE, "forward_terms", poisoned)
+    poison_distortion(monkeypatch)
     cfg = _config(corpus, 5, name="vae", target_rate=None)
     with pytest.raises(TrainingDiverged, match=r"non-finite distortion at step 2 \(value sample: \[nan"):
         train(cfg, tmp_path, progress=False)

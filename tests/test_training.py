@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import tiny_config, write_corpus
+from helpers import poison_distortion, tiny_config, write_corpus
 from tvae_core.runs import DamagedRunError, load_run, train_or_load, validate_run_dir
 
 pytestmark = pytest.mark.slow
@@ -141,20 +141,9 @@ def test_damaged_cache_entry_is_detected_reported_and_retrained(corpus, tmp_path
 
 
 def test_non_finite_loss_stops_with_a_diagnostic(corpus, tmp_path, monkeypatch):
-    from tvae_core.model import TransformerVAE
     from tvae_core.train import TrainingDiverged
 
-    original = TransformerVAE.forward_terms
-    calls = {"n": 0}
-
-    def poisoned(self, batch):
-        terms = original(self, batch)
-        calls["n"] += 1
-        if calls["n"] == 3:
-            terms["distortion"] = terms["distortion"] * float("nan")
-        return terms
-
-    monkeypatch.setattr(TransformerVAE, "forward_terms", poisoned)
+    poison_distortion(monkeypatch)
     with pytest.raises(TrainingDiverged, match=r"non-finite distortion at step 2"):
         train_or_load(tiny_config(corpus, "vae", max_steps=6), tmp_path, progress=False)
     assert not (tmp_path / tiny_config(corpus, "vae", max_steps=6).key).exists()
