@@ -293,17 +293,37 @@ def _shown_outputs(nb):
 
 # the committed page of notebook 06 was executed before its training cell was tagged remove-stdout:
 # it shows "[tvae] run ... stored in <absolute path>" until `make book-pretrained` re-executes it
-_LEAKING_COMMITTED = {"06_pretrained_strong_decoder"}
-
-
 @pytest.mark.parametrize("path", sorted(EXECUTED.glob("[0-9][0-9]_*.ipynb")), ids=lambda p: p.stem)
-def test_committed_pages_show_no_paths_warnings_or_progress_bars(path, request):
-    if path.stem in _LEAKING_COMMITTED:
-        request.applymarker(pytest.mark.xfail(reason="committed page predates the remove-stdout tag: "
-                                                     "re-execute with `make book-pretrained`", strict=False))
+def test_committed_pages_show_no_paths_warnings_or_progress_bars(path):
     nb = nbformat.read(str(path), as_version=4)
     for text in _shown_outputs(nb):
         text = "".join(text) if isinstance(text, list) else text
         for pattern in LEAKS:
             match = pattern.search(text)
             assert match is None, f"{path.name} shows {match.group(0)!r}: ...{text[max(0, match.start() - 80):match.end() + 80]}..."
+
+
+def test_execution_stores_paths_relative_to_the_checkout(tmp_path):
+    from tvae_core.book import relative_paths
+
+    root = tmp_path / "checkout"
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["papermill"] = {"input_path": f"{root}/notebooks/01.ipynb", "output_path": f"{root}/book/x.ipynb"}
+    cell = nbformat.v4.new_code_cell("print(1)")
+    cell.outputs = [nbformat.v4.new_output("stream", name="stderr", text=[f"{root}/.venv/lib/a.py:1: Warn\n"]),
+                    nbformat.v4.new_output("stream", name="stdout", text=f"stored in {root}/data/runs/abc\n"),
+                    nbformat.v4.new_output("execute_result", data={"text/plain": "0.5"}, execution_count=1)]
+    nb.cells = [cell]
+    out = relative_paths(nb, root)
+    assert out.metadata["papermill"] == {"input_path": "notebooks/01.ipynb", "output_path": "book/x.ipynb"}
+    assert [o.get("text") for o in out.cells[0].outputs[:2]] == [".venv/lib/a.py:1: Warn\n",
+                                                                   "stored in data/runs/abc\n"]
+    assert out.cells[0].outputs[2]["data"] == {"text/plain": "0.5"}
+
+
+@pytest.mark.parametrize("path", sorted(EXECUTED.glob("[0-9][0-9]_*.ipynb")), ids=lambda p: p.stem)
+def test_committed_pages_store_no_build_machine_path(path):
+    """Not even in stderr or metadata, which the rendered page hides but a downloaded notebook shows."""
+    text = path.read_text()
+    match = re.search(r"/(?:work|tmp|root|home|Users)/[\w.-]+/", text)
+    assert match is None, f"{path.name} stores {match.group(0)!r}"

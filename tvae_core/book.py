@@ -72,7 +72,7 @@ def execute_notebook(source: Path, output: Path, profile: str, kernel: str | Non
         raise NotebookFailed(f"notebook {source.name} failed in cell {err.cell_index} "
                              f"(execution count {err.exec_count}): {err.ename}: {err.evalue}") from None
     seconds = time.time() - started
-    nb = nbformat.read(str(tmp), as_version=4)
+    nb = relative_paths(nbformat.read(str(tmp), as_version=4), ROOT)
     nb.metadata["tvae_provenance"] = {
         "profile": profile, "parameters": nb.metadata.get("papermill", {}).get("parameters", parameters),
         "seconds": round(seconds, 1), "executed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -82,6 +82,25 @@ def execute_notebook(source: Path, output: Path, profile: str, kernel: str | Non
     nbformat.write(nb, str(tmp))
     os.replace(tmp, output)
     return seconds
+
+
+def relative_paths(nb, root: Path):
+    """``nb`` with the build machine's checkout folder left out of what it stores: papermill's
+    input and output paths in the metadata, and the text of stream outputs (warnings and log lines
+    name files under the checkout, its virtual environment included). A page then reads the same
+    on every machine; nothing that was computed changes."""
+    prefix = str(root).rstrip("/") + "/"
+    meta = nb.metadata.get("papermill", {})
+    for name in ("input_path", "output_path"):
+        if isinstance(meta.get(name), str):
+            meta[name] = meta[name].replace(prefix, "")
+    for cell in nb.cells:
+        for output in cell.get("outputs", []) if cell.cell_type == "code" else []:
+            if output.get("output_type") == "stream":
+                text = output.get("text", "")
+                text = "".join(text) if isinstance(text, list) else text
+                output["text"] = text.replace(prefix, "")
+    return nb
 
 
 def compute_paths() -> dict[str, str]:
