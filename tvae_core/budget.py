@@ -17,6 +17,8 @@ import torch
 
 from . import estimators as est
 from .data import iterate_batches
+from .device import module_device, move_batch
+from .latent_space import token_accuracy
 
 
 @dataclass(frozen=True)
@@ -40,10 +42,10 @@ def reconstruction_accuracy(model, sequences: list[list[int]], pad_id: int, *, f
     """
     if not sequences:
         raise ValueError("sequences is empty")
-    device = next(model.parameters()).device
+    device = module_device(model)
     correct = total = exact = 0
     for batch in iterate_batches(sequences, batch_size, pad_id, shuffle=False, bucket=False):
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = move_batch(batch, device)
         z = model.encode(batch).loc                                               # [B, D]
         if from_prior_mean:
             z = torch.zeros_like(z)
@@ -51,8 +53,7 @@ def reconstruction_accuracy(model, sequences: list[list[int]], pad_id: int, *, f
         targets = [row[m][1:].tolist() for row, m in zip(batch["input_ids"], mask)]   # drop [BOS]
         generated = model.generate(z, max_new_tokens=max(len(t) for t in targets), greedy=True)
         for target, output in zip(targets, generated):
-            matches = sum(a == b for a, b in zip(target, output))
-            correct += matches
+            correct += round(token_accuracy(target, output) * len(target))  # matching positions
             total += len(target)
             exact += int(output == target)
     return ReconstructionAccuracy(token_accuracy=correct / total, sentence_accuracy=exact / len(sequences),
