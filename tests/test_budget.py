@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tvae_core.budget import budget_table, reconstruction_accuracy
-from tvae_core.experiments import BUDGET_METHODS, budget_study
+from tvae_core.experiments import BUDGET_METHODS, budget_study, thesis_grid
 from tvae_core.profiles import get_profile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,12 +18,14 @@ def test_budget_study_builds_one_distinct_run_per_method_and_budget():
     profile = get_profile("smoke")
     runs = budget_study("smoke")
     budgets = profile.training.budget_steps
-    assert len(runs) == len(BUDGET_METHODS) * len(budgets)
+    longest = profile.training.budget_longest
+    assert longest, "the smoke profile should exercise budget_longest"
+    assert len(runs) == len(BUDGET_METHODS) * (len(budgets) - 1) + len(longest)
+    assert {label for label in runs if label.endswith(f" @ {max(budgets)}")} == {f"{r} @ {max(budgets)}" for r in longest}
     assert len({cfg.key for cfg in runs.values()}) == len(runs)
     assert {cfg.train.max_steps for cfg in runs.values()} == set(budgets)
     # one warm-up for every budget, so a shorter run replays the first steps of a longer one
     assert len({cfg.train.lr_warmup_steps for cfg in runs.values()}) == 1
-    assert all(cfg.train.lm_head_kernel == "native" and cfg.train.sync_every == 50 for cfg in runs.values())
     for label, cfg in runs.items():
         assert cfg.label == label and label.endswith(f" @ {cfg.train.max_steps}")
     methods = {(cfg.objective.name, cfg.objective.target_rate) for cfg in runs.values()}
@@ -31,6 +33,26 @@ def test_budget_study_builds_one_distinct_run_per_method_and_budget():
     # the same method at two budgets differs in max_steps only
     a, b = runs[f"MDR 32 @ {budgets[0]}"], runs[f"MDR 32 @ {budgets[1]}"]
     assert a.replace(train={"max_steps": b.train.max_steps}, label=b.label) == b
+
+
+def test_budget_study_shares_the_book_profiles_own_budget_with_the_grid():
+    """At the default profile's own budget the study's runs are the grid's (one cache entry each),
+    so the study costs only its other budgets."""
+    profile = get_profile("default")
+    assert profile.training.max_steps in profile.training.budget_steps
+    grid = thesis_grid("default")
+    study = budget_study("default")
+    for label in ("VAE", "AE", "FB 8", "FB 32", "MDR 8", "MDR 32"):
+        assert study[f"{label} @ {profile.training.max_steps}"].key == grid[label].key, label
+
+
+def test_budget_study_refuses_an_unknown_longest_run():
+    from dataclasses import replace
+
+    smoke = get_profile("smoke")
+    bad = replace(smoke, training=replace(smoke.training, budget_longest=("FB 9",)))
+    with pytest.raises(ValueError, match="training.budget_longest"):
+        budget_study(bad)
 
 
 def _tiny_model():

@@ -23,6 +23,12 @@ THESIS_MDR = {"mdr_lambda_init": math.log(2.0), "mdr_lr": 5e-5, "mdr_optimizer":
               "mdr_damping": 0.0}
 
 
+def warmup_steps(profile: str | Profile) -> int:
+    """The profile's learning-rate warm-up (steps): its own, else a tenth of its budget, at most 100."""
+    t = (get_profile(profile) if isinstance(profile, str) else profile).training
+    return t.lr_warmup_steps if t.lr_warmup_steps is not None else min(100, max(1, t.max_steps // 10))
+
+
 def base_config(profile: str | Profile, seed: int = 0) -> RunConfig:
     """The profile's data, model and training settings with the plain VAE objective."""
     p = get_profile(profile) if isinstance(profile, str) else profile
@@ -37,7 +43,7 @@ def base_config(profile: str | Profile, seed: int = 0) -> RunConfig:
         train=TrainConfig(max_steps=t.max_steps, batch_size=t.batch_size, eval_every=t.eval_every,
                           checkpoint_every=t.checkpoint_every, seed=seed, lm_head_dtype=t.lm_head_dtype,
                           mixed_precision=t.mixed_precision, sync_every=t.sync_every,
-                          lr_warmup_steps=min(100, max(1, t.max_steps // 10))),
+                          lm_head_kernel=t.lm_head_kernel, lr_warmup_steps=warmup_steps(p)),
         label="VAE",
     )
 
@@ -111,24 +117,30 @@ BUDGET_METHODS = (("VAE", None), ("AE", None), ("FB", 8.0), ("FB", 32.0), ("MDR"
 
 def budget_study(profile: str | Profile, seed: int = 0) -> dict[str, RunConfig]:
     """VAE, AE, FB 8, FB 32, MDR 8 and MDR 32 at every budget of ``training.budget_steps``
-    (label -> config, e.g. "MDR 32 @ 3000"; the method, target and budget stay in the config).
+    (label -> config, e.g. "MDR 32 @ 3000"; the method, target and budget stay in the config);
+    at the longest budget only the runs named in ``training.budget_longest`` (all when empty).
 
-    Every budget uses the warm-up of the smallest one: the learning rate is then the same function
-    of the step for all budgets (constant after warm-up) and batches and noise are seeded per step,
-    so a shorter run replays the first steps of a longer one, up to float rounding. Each budget is
-    still its own cached run, so the study costs the sum of the budgets per method. Trained with
-    the compiled LM head and diagnostics read every 50 steps: the same numbers to float rounding,
-    1.5x faster on a CPU (benchmarks/README.md).
+    Every budget uses the same warm-up, at most a tenth of the smallest budget: the learning rate
+    is then the same function of the step for all budgets (constant after warm-up) and batches and
+    noise are seeded per step, so a shorter run replays the first steps of a longer one, up to
+    float rounding. Each budget is still its own cached run (the study costs the sum of its
+    budgets per method), and the one at the profile's own budget is the grid's run (same key).
     """
     p = get_profile(profile) if isinstance(profile, str) else profile
-    warmup = min(100, max(1, min(p.training.budget_steps) // 10))
+    budgets = p.training.budget_steps
+    warmup = min(warmup_steps(p), max(1, min(budgets) // 10))
+    longest = set(p.training.budget_longest)
+    unknown = longest - {method_config(m, p, t, seed).label for m, t in BUDGET_METHODS}
+    if unknown:
+        raise ValueError(f"training.budget_longest={sorted(unknown)} names runs the study does not have; "
+                         f"accepted labels: {[method_config(m, p, t, seed).label for m, t in BUDGET_METHODS]}")
     runs: dict[str, RunConfig] = {}
-    for steps in p.training.budget_steps:
+    for steps in budgets:
         for method, target in BUDGET_METHODS:
             cfg = method_config(method, p, target, seed)
-            cfg = cfg.replace(train={"max_steps": steps, "lr_warmup_steps": warmup, "lm_head_kernel": "native",
-                                     "sync_every": 50},
-                              label=f"{cfg.label} @ {steps}")
+            if steps == max(budgets) and longest and cfg.label not in longest:
+                continue
+            cfg = cfg.replace(train={"max_steps": steps, "lr_warmup_steps": warmup}, label=f"{cfg.label} @ {steps}")
             runs[cfg.label] = cfg
     return runs
 
@@ -138,9 +150,9 @@ def all_book_runs(profile: str | Profile, seed: int = 0) -> dict[str, RunConfig]
     p = get_profile(profile) if isinstance(profile, str) else profile
     runs: dict[str, RunConfig] = {}
     middle = p.target_rates[len(p.target_rates) // 2]
-    undamped = undamped_mdr(p, middle, seed)
+    variants = (undamped_mdr(p, middle, seed), thesis_mdr(p, middle, seed))
     for group in (collapse_study(p, seed=seed), thesis_grid(p, seed), free_bits_variants(p, middle, seed),
-                  {undamped.label: undamped}):
+                  {cfg.label: cfg for cfg in variants}, budget_study(p, seed)):
         for cfg in group.values():
             runs.setdefault(cfg.label, cfg)
     unique = {}
