@@ -1,0 +1,131 @@
+"""Training-split aggregate-posterior estimates (tvae_core.training_split): the same numbers as the
+estimators they call, limits flagged where they are reached, and a cache that is hit without
+recomputing and rebuilt when damaged."""
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from helpers import tiny_config, write_corpus
+from tvae_core import estimators as est
+from tvae_core import training_split
+from tvae_core.cache import read_checked_json, write_checked_json
+from tvae_core.data import iterate_batches
+from tvae_core.evaluation import evaluation_corpus
+from tvae_core.runs import train_or_load
+from tvae_core.training_split import aggregate_from_posteriors, limited_value, training_split_aggregate
+
+
+def _posteriors(num_points=400, dim=4, loc_scale=1.0, scale=0.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    loc = loc_scale * torch.randn(num_points, dim, generator=g, dtype=torch.float64)
+    return loc, torch.full_like(loc, scale)
+
+
+def test_the_numbers_are_those_of_the_estimators_it_calls():
+    loc, scale = _posteriors()
+    result = aggregate_from_posteriors(loc, scale, seed=3)
+    with_self, loo = est.self_and_leave_one_out_terms(loc, scale, generator=torch.Generator().manual_seed(3))
+    assert result.num_sentences == 400 and result.rate == with_self.rate
+    assert result.mutual_information == with_self.mutual_information.value
+    assert result.mutual_information_ceiling == pytest.approx(math.log(400))
+    assert result.mutual_information_loo == loo.mutual_information.value
+    assert result.marginal_kl == with_self.marginal_kl.value and result.marginal_kl_loo == loo.marginal_kl.value
+    assert result.marginal_kl_floor == pytest.approx(with_self.rate - math.log(400))
+    assert result.active_units == est.active_units(loc).num_active == 4
+    assert result.analytic_rate == pytest.approx(float(est.kl_per_dimension(loc, scale).sum()))
+    # the same samples: MI + marginal KL = rate for both estimators
+    assert result.mutual_information + result.marginal_kl == pytest.approx(result.rate, abs=1e-9)
+    assert result.mutual_information_loo + result.marginal_kl_loo == pytest.approx(result.rate, abs=1e-9)
+    assert not result.at_limit
+
+
+def test_an_autoencoder_like_posterior_puts_mi_at_its_ceiling_and_marginal_kl_at_its_floor():
+    loc, scale = _posteriors(loc_scale=3.0, scale=1e-3)         # well separated, tiny scales: MI >> log N
+    result = aggregate_from_posteriors(loc, scale)
+    assert result.mutual_information == pytest.approx(math.log(400), abs=1e-6)
+    assert result.mutual_information_at_ceiling and result.marginal_kl_at_floor and result.at_limit
+    assert result.mutual_information_loo > result.mutual_information + 1.0   # no ceiling leaving one out
+    assert limited_value(result.mutual_information, result.mutual_information_ceiling, True, ">=") \
+        == f">= {math.log(400):.2f} (ceiling)"
+
+
+def test_a_collapsed_posterior_is_far_from_both_limits():
+    loc, scale = torch.zeros(300, 4, dtype=torch.float64), torch.ones(300, 4, dtype=torch.float64)
+    result = aggregate_from_posteriors(loc, scale)
+    assert abs(result.mutual_information) < 1e-9 and abs(result.marginal_kl) < 1e-9
+    assert not result.at_limit and result.active_units == 0
+    assert limited_value(0.123, 5.0, False, ">=") == "0.12"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("split")
+    corpus = write_corpus(base / "corpus.txt")
+    return train_or_load(tiny_config(corpus, "fb", 2.0, max_steps=4), base / "runs", progress=False)
+
+
+@pytest.mark.slow
+def test_a_run_is_encoded_whole_and_its_entry_is_read_back_without_recomputing(tiny_run, monkeypatch):
+    for path in tiny_run.path.glob("training-split-aggregate-*"):
+        path.unlink()
+    first = training_split_aggregate(tiny_run, seed=1)
+    sequences = evaluation_corpus(tiny_run).token_ids("train")
+    params = est.collect_posterior_parameters(
+        tiny_run.model, iterate_batches(sequences, 16, tiny_run.vocab.pad_id, shuffle=False, bucket=False),
+        progress=False)
+    direct = aggregate_from_posteriors(params.loc, params.scale, seed=1)
+    assert first.num_sentences == len(sequences) and first.label == tiny_run.label and first.split == "train"
+    for name in ("rate", "mutual_information", "mutual_information_loo", "marginal_kl", "marginal_kl_loo"):
+        assert getattr(first, name) == pytest.approx(getattr(direct, name), abs=1e-9), name
+    assert first.active_units == direct.active_units
+
+    def recomputing(*args, **kwargs):
+        raise AssertionError("recomputed a cached entry")
+
+    monkeypatch.setattr(training_split.est, "self_and_leave_one_out_terms", recomputing)
+    assert training_split_aggregate(tiny_run, seed=1) == first
+    with pytest.raises(AssertionError, match="recomputed"):   # other parameters, another entry
+        training_split_aggregate(tiny_run, seed=1, max_sentences=20)
+
+
+def _damage(case, path, key):
+    stored = json.loads(path.read_text())
+    payload = stored["payload"]
+    if case == "truncated":
+        path.write_text(path.read_text()[:30])
+        return
+    if case == "edited value":
+        payload["result"]["mutual_information"] += 1.0               # checksum no longer matches
+        path.write_text(json.dumps(stored))
+        return
+    if case == "another run's entry (re-signed)":
+        payload["run_key"] = "0123456789abcdef"
+    elif case == "other weights (re-signed)":
+        payload["weights_sha256"] = "0" * 64
+    elif case == "wrong type (re-signed)":
+        payload["result"]["num_sentences"] = "many"
+    elif case == "another seed's result (re-signed)":
+        payload["result"]["seed"] = 7
+    write_checked_json(path, payload, key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["truncated", "edited value", "another run's entry (re-signed)",
+                                  "other weights (re-signed)", "wrong type (re-signed)",
+                                  "another seed's result (re-signed)"])
+def test_a_damaged_entry_is_set_aside_and_recomputed(tiny_run, caplog, case):
+    first = training_split_aggregate(tiny_run, seed=2)
+    (path,) = tiny_run.path.glob(f"training-split-aggregate-{training_split.training_split_key(tiny_run.config.key, seed=2)}.json")
+    key = path.stem[len("training-split-aggregate-"):]
+    _damage(case, path, key)
+    with caplog.at_level("WARNING", logger="tvae_core"):
+        again = training_split_aggregate(tiny_run, seed=2)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings and all(path.name in w for w in warnings), warnings
+    assert dataclasses.replace(again, seconds=0) == dataclasses.replace(first, seconds=0)
+    assert list(tiny_run.path.glob(f"{path.name}.damaged-*"))
+    stored = read_checked_json(path, key)
+    assert stored["run_key"] == tiny_run.config.key and stored["weights_sha256"] == tiny_run.weights_sha256
