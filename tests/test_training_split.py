@@ -129,3 +129,20 @@ def test_a_damaged_entry_is_set_aside_and_recomputed(tiny_run, caplog, case):
     assert list(tiny_run.path.glob(f"{path.name}.damaged-*"))
     stored = read_checked_json(path, key)
     assert stored["run_key"] == tiny_run.config.key and stored["weights_sha256"] == tiny_run.weights_sha256
+
+
+def test_marginal_kl_is_compared_only_between_brackets_below_their_limits():
+    def result(kl_loo, kl, at_limit=False):
+        return training_split.TrainingSplitAggregate(
+            label="", run_key="", split="train", num_sentences=100, rate=5.0, analytic_rate=5.0,
+            mutual_information=5.0 - kl, mutual_information_ceiling=math.log(100),
+            mutual_information_at_ceiling=at_limit, mutual_information_loo=5.0 - kl_loo, marginal_kl=kl,
+            marginal_kl_floor=5.0 - math.log(100), marginal_kl_at_floor=at_limit, marginal_kl_loo=kl_loo,
+            active_units=1, seed=0, seconds=0.0)
+
+    compare = training_split.compare_marginal_kl
+    assert compare(result(2.0, 2.5), result(0.5, 1.0)) == "greater"
+    assert compare(result(0.5, 1.0), result(2.0, 2.5)) == "less"
+    assert compare(result(0.5, 2.1), result(2.0, 2.5)) == "overlap"
+    assert compare(result(2.0, 2.5, at_limit=True), result(0.5, 1.0)) == "at the ceiling"
+    assert compare(result(2.0, 2.5), result(0.5, 1.0, at_limit=True)) == "at the ceiling"

@@ -206,3 +206,21 @@ def limited_value(value: float, limit: float, at_limit: bool, sign: str) -> str:
     if not at_limit:
         return f"{value:.2f}"
     return f"{sign} {limit:.2f} ({'ceiling' if sign == '>=' else 'floor'})"
+
+
+def compare_marginal_kl(first: TrainingSplitAggregate, second: TrainingSplitAggregate) -> str:
+    """Which of two runs has the larger marginal KL, decided only where the estimators can tell.
+
+    Each run's marginal KL lies between its leave-one-out (lower) and self-term (upper) estimates
+    in expectation. Returns ``"at the ceiling"`` when either run's self-term estimates sit at
+    their limit (MI at log N, marginal KL at rate - log N: bounds on the estimator, never compared),
+    ``"greater"`` / ``"less"`` when ``first``'s bracket lies wholly above / below ``second``'s,
+    and ``"overlap"`` otherwise.
+    """
+    if first.at_limit or second.at_limit:
+        return "at the ceiling"
+    if first.marginal_kl_loo > second.marginal_kl:
+        return "greater"
+    if first.marginal_kl < second.marginal_kl_loo:
+        return "less"
+    return "overlap"
