@@ -3,7 +3,7 @@ profile's ``training.budget_steps`` (tvae_core.experiments.budget_study), each r
 from the run cache), evaluated, and measured by tvae_core.budget.budget_measures; the table goes to
 ``--output`` (benchmarks/budget_study.md for the default profile).
 
-Re-runnable: a run's measures are stored next to it (``budget-row-<version>.json``), so a second
+Re-runnable: a run's measures are stored next to it (``budget-row-<key>.json``, tvae_core.budget.cached_budget_measures), so a second
 call only does what is missing. ``--workers`` single-threaded processes at a time (on 2 cores, two
 1-thread processes beat one 2-thread one). Shorter budgets first; within a budget MDR 32 and FB 32
 first, the runs the issue's comparison needs; ``--budgets 3000 600`` runs those budgets in that order.
@@ -27,48 +27,44 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tvae_core.budget import budget_mmm_by_steps, budget_table, cached_budget_measures, load_budget_row  # noqa: E402
 from tvae_core.config import RunConfig  # noqa: E402
 from tvae_core.experiments import budget_study  # noqa: E402
 from tvae_core.profiles import PROFILE_NAMES, get_profile  # noqa: E402
 from tvae_core.runs import runs_dir  # noqa: E402
 
-ROW_VERSION = 1  # bump when budget_measures changes what it stores
+MMM_VERSION = 1  # bump when budget_mmm changes what it stores
 PRIORITY = {("mdr", 32.0): 0, ("fb", 32.0): 1, ("mdr", 8.0): 2, ("fb", 8.0): 3, ("vae", None): 4, ("ae", None): 5}
 
 
-def row_path(root: Path, cfg: RunConfig) -> Path:
-    return root / cfg.key / f"budget-row-v{ROW_VERSION}.json"
+def stored_row(root: Path, cfg: RunConfig, profile: str) -> dict | None:
+    """The run's cached row (tvae_core.budget.load_budget_row), None when not measured yet."""
+    return load_budget_row(root / cfg.key, cfg.key, profile)
 
 
 def measure_one(config_path: str, profile: str, runs_root: str | None) -> None:
-    """Worker: train or load one run, measure it, store its row next to it."""
+    """Worker: train or load one run, measure it; its row is stored next to it."""
     import torch
 
-    from tvae_core.budget import budget_measures
-    from tvae_core.runs import train_or_load, write_json_atomic
+    from tvae_core.runs import train_or_load
 
     torch.set_num_threads(1)
     cfg = RunConfig.from_dict(json.loads(Path(config_path).read_text()))
     run = train_or_load(cfg, runs_root, progress=False)
-    row = budget_measures(run, profile)
-    write_json_atomic(row_path(runs_dir(runs_root), cfg), row)
+    row = cached_budget_measures(run, profile)
     print(json.dumps({"label": cfg.label, "rate": row["test"]["rate"], "seconds": row["seconds"]}))
 
 
 def mmm_path(root: Path, profile: str, steps: int) -> Path:
-    return root / f"budget-mmm-{profile}-{steps}-v{ROW_VERSION}.json"
+    return root / f"budget-mmm-{profile}-{steps}-v{MMM_VERSION}.json"
 
 
 def mmm_one(profile: str, configs: dict[str, RunConfig], root: Path, steps: int) -> None:
     """Fit the MMM on the runs of one budget (all must be trained), stored next to the runs."""
-    from tvae_core.budget import budget_mmm
     from tvae_core.runs import load_run, write_json_atomic
 
-    chosen = {label: cfg for label, cfg in configs.items() if cfg.train.max_steps == steps}
-    runs = {label: load_run(cfg, root) for label, cfg in chosen.items()}
-    result = budget_mmm(runs, profile)
-    result["run_keys"] = {label: cfg.key for label, cfg in chosen.items()}
-    write_json_atomic(mmm_path(root, profile, steps), result)
+    runs = {label: load_run(cfg, root) for label, cfg in configs.items() if cfg.train.max_steps == steps}
+    write_json_atomic(mmm_path(root, profile, steps), budget_mmm_by_steps(runs, profile)[steps])
 
 
 def mmm_table(root: Path, profile: str, budgets) -> list[str]:
@@ -107,9 +103,7 @@ def machine_line() -> str:
 
 
 def write_table(profile: str, configs: dict[str, RunConfig], root: Path, output: Path) -> int:
-    from tvae_core.budget import budget_table
-
-    rows = [json.loads(row_path(root, cfg).read_text()) for cfg in configs.values() if row_path(root, cfg).is_file()]
+    rows = [row for cfg in configs.values() if (row := stored_row(root, cfg, profile)) is not None]
     p = get_profile(profile)
     any_cfg = next(iter(configs.values()))
     est = p.estimators
@@ -163,7 +157,7 @@ def main(argv=None) -> int:
     configs = budget_study(args.profile)
     output = Path(args.output) if args.output else ROOT / "benchmarks" / f"budget_study{'' if args.profile == 'default' else '_' + args.profile}.md"
     todo = [cfg for cfg in configs.values()
-            if (args.max_steps is None or cfg.train.max_steps <= args.max_steps) and not row_path(root, cfg).is_file()]
+            if (args.max_steps is None or cfg.train.max_steps <= args.max_steps) and stored_row(root, cfg, args.profile) is None]
     order = args.budgets or sorted({cfg.train.max_steps for cfg in configs.values()})
     todo = [cfg for cfg in todo if cfg.train.max_steps in order]
     todo.sort(key=lambda c: (order.index(c.train.max_steps), PRIORITY.get((c.objective.name, c.objective.target_rate), 9)))

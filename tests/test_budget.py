@@ -135,6 +135,121 @@ def test_budget_study_script_writes_the_table_in_the_smoke_profile(tmp_path):
     rows = [line for line in output.read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert len(rows) == len(BUDGET_METHODS)
     assert all(f"| {budget} |" in row for row in rows)
-    stored = list((tmp_path / "runs").glob("*/budget-row-v*.json"))
+    stored = list((tmp_path / "runs").glob("*/budget-row-*.json"))
     assert len(stored) == len(BUDGET_METHODS)
-    assert json.loads(stored[0].read_text())["steps"] == budget
+    assert json.loads(stored[0].read_text())["payload"]["steps"] == budget
+
+
+class _FakeRun:
+    """What the row cache needs of a run: its folder and its config's key."""
+
+    def __init__(self, path, key="run-key"):
+        from types import SimpleNamespace
+
+        self.path = path
+        self.config = SimpleNamespace(key=key)
+
+
+def _counting_measures(monkeypatch):
+    import tvae_core.budget as budget
+
+    calls = []
+
+    def fake(run, profile, *, progress=False, seed=0, recon_sentences=200):
+        calls.append(run.config.key)
+        return {"run_key": run.config.key, "steps": 10, "rate": 1.5 * len(calls)}
+
+    monkeypatch.setattr(budget, "budget_measures", fake)
+    return calls
+
+
+def test_cached_budget_measures_stores_the_row_next_to_the_run_and_reads_it_back(tmp_path, monkeypatch):
+    from tvae_core.budget import budget_row_path, cached_budget_measures, load_budget_row
+
+    calls = _counting_measures(monkeypatch)
+    run = _FakeRun(tmp_path)
+    first = cached_budget_measures(run, "smoke")
+    assert budget_row_path(tmp_path, "run-key", "smoke").is_file()
+    assert cached_budget_measures(run, "smoke") == first and len(calls) == 1   # a hit: not measured again
+    assert load_budget_row(tmp_path, "run-key", "smoke") == first
+    # another seed is another row; another run's key never reads this one
+    cached_budget_measures(run, "smoke", seed=1)
+    assert len(calls) == 2
+    assert load_budget_row(tmp_path, "other-key", "smoke") is None
+    assert not list(tmp_path.glob("*.tmp-*"))   # published atomically, no staging file left
+
+
+def test_a_damaged_budget_row_is_set_aside_and_measured_again(tmp_path, monkeypatch, caplog):
+    from tvae_core.budget import budget_row_path, cached_budget_measures
+
+    calls = _counting_measures(monkeypatch)
+    run = _FakeRun(tmp_path)
+    first = cached_budget_measures(run, "smoke")
+    path = budget_row_path(tmp_path, "run-key", "smoke")
+    path.write_text(path.read_text().replace('"rate": 1.5', '"rate": 9.5'))   # content changed
+    with caplog.at_level("WARNING"):
+        again = cached_budget_measures(run, "smoke")
+    assert len(calls) == 2 and again != first and again["rate"] == 3.0
+    assert list(tmp_path.glob(f"{path.name}.damaged-*")) and path.name in caplog.text
+    path.write_text("{not json")                                            # unreadable
+    cached_budget_measures(run, "smoke")
+    assert len(calls) == 3
+
+
+def _study_row(objective, target, steps, *, rate, elbo=-100.0, mi=2.0, mi_at_ceiling=False, kl=1.0,
+               kl_at_floor=False, recon=0.06, recon_prior=0.03):
+    name = {"vae": "VAE", "ae": "AE", "fb": "FB", "mdr": "MDR"}[objective]
+    label = f"{name} @ {steps}" if target is None else f"{name} {target:g} @ {steps}"
+    return {"label": label, "objective": objective, "target_rate": target, "steps": steps,
+            "test": {"rate": rate, "elbo": elbo},
+            "train_split": {"mutual_information": mi, "mutual_information_at_ceiling": mi_at_ceiling,
+                            "marginal_kl": kl, "marginal_kl_at_floor": kl_at_floor},
+            "reconstruction": {"token_accuracy": recon}, "reconstruction_from_prior_mean": {"token_accuracy": recon_prior}}
+
+
+def test_phenomena_table_judges_each_budget_and_never_compares_bounds():
+    from tvae_core.budget import AT_CEILING, AT_FLOOR, NO, NOT_TRAINED, WITHIN_2SE, YES, phenomena_table
+
+    rows = [
+        # 100 steps: every run; FB under both targets, MDR on both, the VAE collapsed
+        _study_row("vae", None, 100, rate=0.01, recon=0.02, recon_prior=0.02),
+        _study_row("ae", None, 100, rate=60.0),
+        _study_row("fb", 8.0, 100, rate=6.0, elbo=-120.0, mi=2.0, kl=4.0),
+        _study_row("fb", 32.0, 100, rate=27.0, elbo=-140.0, mi=5.0, kl=22.0),
+        _study_row("mdr", 8.0, 100, rate=8.3, elbo=-121.0, mi=6.0, kl=2.0),
+        _study_row("mdr", 32.0, 100, rate=40.0, elbo=-150.0, mi=5.5, kl=30.0),   # 25 % over: off target
+        # 200 steps: only the target-32 runs; MDR's MI and KL at their limits, FB 32 on target
+        _study_row("fb", 32.0, 200, rate=30.0, elbo=-130.0, mi=8.0, kl=21.0),
+        _study_row("mdr", 32.0, 200, rate=32.5, elbo=-131.0, mi=10.6, mi_at_ceiling=True, kl=22.0,
+                   kl_at_floor=True, recon=0.05, recon_prior=0.06),
+    ]
+
+    def group(kl, se):
+        return {"marginal_kl": kl, "marginal_kl_se": se}
+
+    mmm = {100: {"groups": {"FB 8 @ 100": group(4.0, 0.1), "MDR 8 @ 100": group(2.0, 0.1),
+                            "FB 32 @ 100": group(20.0, 0.3), "MDR 32 @ 100": group(20.5, 0.3)}},
+           200: {"groups": {"FB 32 @ 200": group(12.0, 0.4), "MDR 32 @ 200": group(7.0, 0.3)}}}
+    table = {p.key: p for p in phenomena_table(rows, mmm, collapse_rate=0.5)}
+    verdicts = {key: (p.verdicts[100], p.verdicts[200]) for key, p in table.items()}
+    assert verdicts == {
+        "vae_collapsed": (YES, NOT_TRAINED),
+        "fb8_below_target": (YES, NOT_TRAINED), "fb32_below_target": (YES, NO),
+        "mdr8_on_target": (YES, NOT_TRAINED), "mdr32_on_target": (NO, YES),
+        "fb_elbo_worse": (YES, NOT_TRAINED), "mdr_elbo_worse": (YES, NOT_TRAINED),
+        "fb_mi_grows": (YES, NOT_TRAINED), "mdr_mi_grows": (NO, NOT_TRAINED),
+        "mdr_below_fb_mmm_8": (YES, NOT_TRAINED), "mdr_below_fb_mmm_32": (WITHIN_2SE, YES),
+        "mdr_below_fb_aggregate_8": (YES, NOT_TRAINED), "mdr_below_fb_aggregate_32": (NO, AT_FLOOR),
+        "recon_above_baseline": (YES, NO),
+    }
+    assert table["mdr32_on_target"].holds_from() == 200
+    assert table["mdr_below_fb_mmm_32"].holds_from() == 200
+    assert table["vae_collapsed"].holds_from() == 100         # "not trained" later does not undo it
+    assert table["fb32_below_target"].holds_from() is None     # it stops holding
+    assert "within 10%" in table["mdr8_on_target"].name       # the book's one tolerance by default
+    with pytest.raises(ValueError, match="two"):
+        phenomena_table([r for r in rows if r["target_rate"] in (None, 32.0)], mmm)
+    # the at-ceiling verdict: MI compared only when neither value is at its ceiling
+    capped = [dict(r, train_split=dict(r["train_split"], mutual_information_at_ceiling=True))
+              if r["label"] == "FB 8 @ 100" else r for r in rows]
+    assert {p.key: p for p in phenomena_table(capped, mmm)}["fb_mi_grows"].verdicts[100] == AT_CEILING

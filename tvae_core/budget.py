@@ -186,3 +186,237 @@ def budget_mmm(runs: dict, profile, *, seed: int = 0, family: str = "RD", progre
                          "index_code_mi": float(fit.index_code_mi[g])}
     return {"family": family, "floor": fit.calibration_floor(), "groups": groups,
             "samples_per_group": n, "fit_seconds": fit.fit_seconds}
+
+
+# --------------------------------------------------------------------------------------------
+# The cached row of one run
+# --------------------------------------------------------------------------------------------
+# Bump when budget_measures changes what it measures or stores: every stored row is then
+# recomputed (the key changes; the evaluation code is in the key already).
+MEASURES_VERSION = 2
+
+
+def budget_row_key(run_key: str, profile, *, seed: int = 0, recon_sentences: int = 200) -> str:
+    """Cache key of a run's budget row: the run, the estimator sizes, the seed, the number of
+    reconstructed sentences, :data:`MEASURES_VERSION` and the evaluation code."""
+    import hashlib
+
+    from .cache import canonical_json
+    from .evaluation import evaluation_code_version
+    from .profiles import get_profile
+
+    p = get_profile(profile) if isinstance(profile, str) else profile
+    payload = {"run": run_key, "size": asdict(p.estimators), "seed": seed, "recon_sentences": recon_sentences,
+               "version": MEASURES_VERSION, "code": evaluation_code_version()}
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:16]
+
+
+def budget_row_path(run_dir, run_key: str, profile, *, seed: int = 0, recon_sentences: int = 200):
+    """Where a run's budget row lives: next to the run, ``budget-row-<key>.json``."""
+    from pathlib import Path
+
+    key = budget_row_key(run_key, profile, seed=seed, recon_sentences=recon_sentences)
+    return Path(run_dir) / f"budget-row-{key}.json"
+
+
+def load_budget_row(run_dir, run_key: str, profile, *, seed: int = 0, recon_sentences: int = 200) -> dict | None:
+    """The stored row of a run (None when missing or damaged; a damaged one is set aside), without
+    loading the model: the script's table reads the rows of runs it did not load."""
+    from .cache import DamagedCacheError, read_checked_json, set_aside
+
+    path = budget_row_path(run_dir, run_key, profile, seed=seed, recon_sentences=recon_sentences)
+    if not path.is_file():
+        return None
+    try:
+        row = read_checked_json(path, path.stem.removeprefix("budget-row-"))
+    except DamagedCacheError as err:  # one warning naming the file; the caller recomputes
+        set_aside(path, str(err))
+        return None
+    return row if row.get("run_key") == run_key else None
+
+
+def cached_budget_measures(run, profile, *, seed: int = 0, recon_sentences: int = 200,
+                           progress: bool = False) -> dict:
+    """:func:`budget_measures` of a finished run, stored next to it with its key and checksum
+    (published atomically, :func:`tvae_core.cache.write_checked_json`): a second call reads the
+    row; a damaged row is set aside with a warning and measured again."""
+    from .cache import write_checked_json
+
+    args = dict(seed=seed, recon_sentences=recon_sentences)
+    row = load_budget_row(run.path, run.config.key, profile, **args)
+    if row is not None:
+        return row
+    row = budget_measures(run, profile, progress=progress, **args)
+    path = budget_row_path(run.path, run.config.key, profile, **args)
+    write_checked_json(path, row, path.stem.removeprefix("budget-row-"))
+    return row
+
+
+def runs_at_budget(runs: dict, steps: int) -> dict:
+    """The runs (label -> run) trained for ``steps`` optimiser steps, by their config."""
+    return {label: run for label, run in runs.items() if run.config.train.max_steps == steps}
+
+
+def budget_mmm_by_steps(runs: dict, profile, *, seed: int = 0, family: str = "RD",
+                        progress: bool = False) -> dict[int, dict]:
+    """:func:`budget_mmm` once per budget, on the study's runs of that budget (steps -> result,
+    each with the ``run_keys`` it was fitted on)."""
+    results = {}
+    for steps in sorted({run.config.train.max_steps for run in runs.values()}):
+        chosen = runs_at_budget(runs, steps)
+        result = budget_mmm(chosen, profile, seed=seed, family=family, progress=progress)
+        result["run_keys"] = {label: run.config.key for label, run in chosen.items()}
+        results[steps] = result
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Which of the thesis's phenomena hold at which budget
+# --------------------------------------------------------------------------------------------
+YES, NO = "yes", "no"
+NOT_TRAINED = "not trained"      # a run the comparison needs was not trained at this budget
+AT_CEILING = "at ceiling"        # an MI estimate at log N: a lower bound, so no comparison
+AT_FLOOR = "at floor"            # a marginal-KL estimate at rate - log N: an upper bound, ditto
+WITHIN_2SE = "within 2 se"       # the MMM difference is smaller than twice its standard error
+UNDECIDED = (NOT_TRAINED, AT_CEILING, AT_FLOOR)
+
+
+@dataclass(frozen=True)
+class Phenomenon:
+    """One of the thesis's findings and whether it holds at each budget (steps -> verdict)."""
+    key: str
+    name: str
+    verdicts: dict
+
+    def holds_from(self) -> int | None:
+        """The first budget where it holds and after which no budget says it does not (budgets
+        where it cannot be decided do not count either way); None when there is none."""
+        budgets = sorted(self.verdicts)
+        for i, steps in enumerate(budgets):
+            later = [self.verdicts[b] for b in budgets[i:]]
+            if later[0] == YES and all(v == YES or v in UNDECIDED for v in later):
+                return steps
+        return None
+
+
+def _targets(rows) -> tuple[float, float]:
+    targets = sorted({float(r["target_rate"]) for r in rows if r["objective"] in ("fb", "mdr")})
+    if len(targets) < 2:
+        raise ValueError(f"the targeted runs have targets {targets}; the comparisons need two")
+    return targets[0], targets[-1]
+
+
+def phenomena_table(rows: list[dict], mmm: dict, *, collapse_rate: float = 0.5,
+                    tolerance: float | None = None) -> list[Phenomenon]:
+    """Whether each phenomenon of the study holds at each budget, from the runs' rows
+    (:func:`budget_measures`) and the per-budget MMM fits (steps -> :func:`budget_mmm`).
+
+    ``collapse_rate``: the VAE counts as collapsed below this test rate (nats). ``tolerance``:
+    relative, the book's one on-target tolerance by default
+    (:data:`tvae_core.findings.ON_TARGET_TOLERANCE`). A comparison whose estimate sits at its
+    ceiling or floor is "at ceiling" / "at floor", never compared; the MMM's marginal KLs count
+    as ordered only when they differ by more than twice the standard error of the difference.
+    """
+    from .findings import ON_TARGET_TOLERANCE, on_target, relative_deviation
+
+    tol = ON_TARGET_TOLERANCE if tolerance is None else tolerance
+    by = {(r["objective"], None if r["target_rate"] is None else float(r["target_rate"]), int(r["steps"])): r
+          for r in rows}
+    budgets = sorted({int(r["steps"]) for r in rows})
+    low, high = _targets(rows)
+
+    def per_budget(judge):
+        return {steps: judge(steps) for steps in budgets}
+
+    def row(objective, target, steps):
+        return by.get((objective, target, steps))
+
+    def yes(flag: bool) -> str:
+        return YES if flag else NO
+
+    def collapsed(steps):
+        r = row("vae", None, steps)
+        return NOT_TRAINED if r is None else yes(r["test"]["rate"] < collapse_rate)
+
+    def fb_below(target):
+        def judge(steps):
+            r = row("fb", target, steps)
+            return NOT_TRAINED if r is None else yes(relative_deviation(r["test"]["rate"], target) < -tol)
+        return judge
+
+    def mdr_on(target):
+        def judge(steps):
+            r = row("mdr", target, steps)
+            return NOT_TRAINED if r is None else yes(on_target(r["test"]["rate"], target, tol))
+        return judge
+
+    def elbo_worse(method):
+        def judge(steps):
+            a, b = row(method, low, steps), row(method, high, steps)
+            return NOT_TRAINED if a is None or b is None else yes(b["test"]["elbo"] < a["test"]["elbo"])
+        return judge
+
+    def mi_grows(method):
+        def judge(steps):
+            a, b = row(method, low, steps), row(method, high, steps)
+            if a is None or b is None:
+                return NOT_TRAINED
+            a, b = a["train_split"], b["train_split"]
+            if a["mutual_information_at_ceiling"] or b["mutual_information_at_ceiling"]:
+                return AT_CEILING
+            return yes(b["mutual_information"] > a["mutual_information"])
+        return judge
+
+    def mdr_below_fb_mmm(target):
+        def judge(steps):
+            f, m = row("fb", target, steps), row("mdr", target, steps)
+            groups = (mmm.get(steps) or {}).get("groups", {})
+            if f is None or m is None or f["label"] not in groups or m["label"] not in groups:
+                return NOT_TRAINED
+            f, m = groups[f["label"]], groups[m["label"]]
+            difference = f["marginal_kl"] - m["marginal_kl"]
+            se = (f["marginal_kl_se"] ** 2 + m["marginal_kl_se"] ** 2) ** 0.5
+            return YES if difference > 2 * se else NO if difference < -2 * se else WITHIN_2SE
+        return judge
+
+    def mdr_below_fb_aggregate(target):
+        def judge(steps):
+            f, m = row("fb", target, steps), row("mdr", target, steps)
+            if f is None or m is None:
+                return NOT_TRAINED
+            f, m = f["train_split"], m["train_split"]
+            if f["marginal_kl_at_floor"] or m["marginal_kl_at_floor"]:
+                return AT_FLOOR
+            return yes(m["marginal_kl"] < f["marginal_kl"])
+        return judge
+
+    def recon_above_baseline(steps):
+        chosen = [r for (objective, _, s), r in by.items() if s == steps and objective != "vae"]
+        if not chosen:
+            return NOT_TRAINED
+        return yes(all(r["reconstruction"]["token_accuracy"] > r["reconstruction_from_prior_mean"]["token_accuracy"]
+                       for r in chosen))
+
+    lo, hi = f"{low:g}", f"{high:g}"
+    table = [Phenomenon("vae_collapsed", f"VAE collapsed (test rate < {collapse_rate:g} nats)", per_budget(collapsed))]
+    for target, name in ((low, lo), (high, hi)):
+        table.append(Phenomenon(f"fb{name}_below_target", f"FB {name} below its target (by more than "
+                                f"{tol:.0%})", per_budget(fb_below(target))))
+    for target, name in ((low, lo), (high, hi)):
+        table.append(Phenomenon(f"mdr{name}_on_target", f"MDR {name} on its target (within {tol:.0%})",
+                                per_budget(mdr_on(target))))
+    for method in ("fb", "mdr"):
+        table.append(Phenomenon(f"{method}_elbo_worse", f"{method.upper()}: ELBO worse at target {hi} than {lo}",
+                                per_budget(elbo_worse(method))))
+    for method in ("fb", "mdr"):
+        table.append(Phenomenon(f"{method}_mi_grows", f"{method.upper()}: index-code MI (training split) higher at "
+                                f"target {hi} than {lo}", per_budget(mi_grows(method))))
+    for target, name in ((low, lo), (high, hi)):
+        table.append(Phenomenon(f"mdr_below_fb_mmm_{name}", f"marginal KL of MDR {name} below FB {name}'s (MMM)",
+                                per_budget(mdr_below_fb_mmm(target))))
+    for target, name in ((low, lo), (high, hi)):
+        table.append(Phenomenon(f"mdr_below_fb_aggregate_{name}", f"marginal KL of MDR {name} below FB {name}'s "
+                                "(aggregate, training split)", per_budget(mdr_below_fb_aggregate(target))))
+    table.append(Phenomenon("recon_above_baseline", "reconstruction accuracy above the z = 0 baseline "
+                            "(every run but the VAE)", per_budget(recon_above_baseline)))
+    return table
