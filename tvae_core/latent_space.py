@@ -62,10 +62,10 @@ def distinct_outputs(sentences) -> int:
 def word_overlap(reference: str, candidate: str) -> float:
     """The share of the reference's distinct words (split on spaces) that appear in the candidate:
 
-        overlap = |W(reference) & W(candidate)| / |W(reference)|,   0 for an empty reference.
+        overlap = size(W(reference) & W(candidate)) / size(W(reference)),   0 for an empty reference,
 
-    Order-free, so it credits a decoding that keeps the content words but not their positions,
-    which :func:`token_accuracy` scores as wrong."""
+    W(s) being the set of words of s. Order-free, so it credits a decoding that keeps the content
+    words but not their positions, which :func:`token_accuracy` scores as wrong."""
     words = set(reference.split())
     if not words:
         return 0.0
