@@ -10,8 +10,9 @@ import torch
 from helpers import WORDS, tiny_config, write_corpus
 from tvae_core.config import ModelConfig
 from tvae_core.data import Vocabulary, train_word_tokenizer
-from tvae_core.latent_space import (Homotopy, Reconstruction, distinct_outputs, interpolate, reconstruct, sample,
-                                    token_accuracy)
+from tvae_core.latent_space import (Homotopy, Reconstruction, distinct_outputs, interpolate, length_correlation,
+                                    nearest_neighbours, overlap_against_chance, posterior_means, reconstruct,
+                                    sample, token_accuracy, word_overlap)
 from tvae_core.model import TransformerVAE
 from tvae_core.runs import load_run_dir, train_or_load
 
@@ -78,6 +79,66 @@ def test_distinct_outputs_counts_different_strings():
 
 
 # ------------------------------------------------------------------------------------ reconstruct
+@pytest.mark.parametrize("reference,candidate,expected", [
+    ("the cat sat", "the cat sat", 1.0),
+    ("the cat sat", "sat the cat", 1.0),           # order-free
+    ("the cat sat on the mat", "a cat", 0.2),      # 1 of 5 distinct words
+    ("the cat", "dog", 0.0),
+    ("", "dog", 0.0),
+])
+def test_word_overlap_exact_values(reference, candidate, expected):
+    assert word_overlap(reference, candidate) == pytest.approx(expected)
+
+
+def test_overlap_against_chance_known_answers():
+    # every matched pair identical, every chance pair disjoint: 1 against 0, clearly above chance
+    same = [("a b", "a b"), ("c d", "c d"), ("e f", "e f")]
+    other = [("a b", "c d"), ("c d", "e f"), ("e f", "a b")]
+    result = overlap_against_chance(same, other)
+    assert (result.matched, result.chance, result.difference, result.standard_error) == (1.0, 0.0, 1.0, 0.0)
+    assert result.above_chance and result.num_pairs == 3
+    # one decoding for every input (collapse): matched and chance overlaps alike, not above chance
+    collapsed = overlap_against_chance([("a b", "a x"), ("a c", "a x")], [("a c", "a x"), ("a b", "a x")])
+    assert collapsed.difference == 0.0 and not collapsed.above_chance
+    # differences 0.5 and 0: mean 0.25, SE = std([0.5, 0]) / sqrt(2) = 0.25, not above 2 SE
+    mixed = overlap_against_chance([("a b", "a"), ("c d", "x")], [("a b", "x"), ("c d", "x")])
+    assert mixed.difference == pytest.approx(0.25) and mixed.standard_error == pytest.approx(0.25)
+    assert not mixed.above_chance
+    single = overlap_against_chance([("a", "a")], [("a", "b")])
+    assert single.standard_error == float("inf") and not single.above_chance
+    with pytest.raises(ValueError, match="same"):
+        overlap_against_chance(same, other[:2])
+
+
+def test_length_correlation_known_answers():
+    originals = ["a", "a b", "a b c"]
+    assert length_correlation(originals, ["x", "x y", "x y z"]) == pytest.approx(1.0)
+    assert length_correlation(originals, ["x y z", "x y", "x"]) == pytest.approx(-1.0)
+    assert torch.isnan(torch.tensor(length_correlation(originals, ["x y"] * 3)))  # one length: undefined
+    with pytest.raises(ValueError, match="at least two"):
+        length_correlation(["a"], ["b"])
+
+
+def test_nearest_neighbours_known_answers():
+    keys = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0], [1.0, 0.0]])
+    queries = torch.tensor([[0.9, 0.1], [0.0, 2.0]])
+    assert nearest_neighbours(queries, keys, k=2).tolist() == [[1, 3], [2, 0]]  # tie: lower index first
+    assert nearest_neighbours(keys, keys).squeeze(1).tolist() == [0, 1, 2, 1]   # a point is its own nearest
+    with pytest.raises(ValueError, match="k="):
+        nearest_neighbours(queries, keys, k=5)
+    with pytest.raises(ValueError, match="accepted"):
+        nearest_neighbours(queries, keys[:, :1])
+
+
+def test_posterior_means_are_the_encoders_means_in_input_order(vocab):
+    model = fresh_model(vocab, "memory")
+    sentences = [SENTENCE_A, SENTENCE_B, "the dog"]
+    together = posterior_means(model, sentences, vocab=vocab, batch_size=2)
+    assert together.shape == (3, model.latent_dim) and together.device.type == "cpu"
+    for i, sentence in enumerate(sentences):
+        assert torch.allclose(posterior_means(model, [sentence], vocab=vocab)[0], together[i], atol=1e-5)
+
+
 def test_reconstructions_of_a_trained_run(trained_run):
     results = reconstruct(trained_run, [SENTENCE_A, SENTENCE_B, "dog"])
     assert len(results) == 3 and all(isinstance(r, Reconstruction) for r in results)

@@ -8,6 +8,11 @@ continuous space").
 * :func:`interpolate`: z_t = (1 - t) mu(a) + t mu(b) for t evenly spaced in [0, 1], each decoded,
   with :func:`distinct_outputs` counting how many different sentences the path passes through
   (a collapsed posterior decodes one sentence all along).
+* :func:`posterior_means` and :func:`nearest_neighbours`: which sentences share a region of the
+  latent space, whether or not the decoder reads it.
+* Measures that stay honest for small models whose greedy decodings rarely line up word by word:
+  :func:`word_overlap` against a chance level (:func:`overlap_against_chance`) and
+  :func:`length_correlation`.
 
 Every function takes a :class:`tvae_core.runs.Run` (its vocabulary and maximum length come with
 it) or a bare :class:`tvae_core.model.TransformerVAE` (then pass ``vocab`` to read or write text).
@@ -52,6 +57,85 @@ def distinct_outputs(sentences) -> int:
     """The number of different sentences in ``sentences``: ``len(set(sentences))`` (exact string match).
     1 along a homotopy means the decoder ignores where z is on the path."""
     return len(set(sentences))
+
+
+def word_overlap(reference: str, candidate: str) -> float:
+    """The share of the reference's distinct words (split on spaces) that appear in the candidate:
+
+        overlap = size(W(reference) & W(candidate)) / size(W(reference)),   0 for an empty reference,
+
+    W(s) being the set of words of s. Order-free, so it credits a decoding that keeps the content
+    words but not their positions, which :func:`token_accuracy` scores as wrong."""
+    words = set(reference.split())
+    if not words:
+        return 0.0
+    return len(words & set(candidate.split())) / len(words)
+
+
+@dataclass(frozen=True)
+class OverlapComparison:
+    """Mean :func:`word_overlap` of N matched (reference, candidate) pairs against the same
+    score of N unrelated pairs (the chance level: frequent words such as "the" overlap anyway).
+    ``standard_error``: of the mean paired difference; ``above_chance``: difference > 2 SE."""
+
+    matched: float
+    chance: float
+    difference: float
+    standard_error: float
+    above_chance: bool
+    num_pairs: int
+
+
+def overlap_against_chance(matched_pairs, chance_pairs) -> OverlapComparison:
+    """Compare the word overlap of matched pairs with that of unrelated pairs, pair by pair:
+
+        d_i = overlap(matched_i) - overlap(chance_i),   SE = std(d) / sqrt(N)
+
+    ``matched_pairs``/``chance_pairs``: N (reference, candidate) text pairs each, the i-th chance
+    pair sharing one side with the i-th matched pair (e.g. a reconstruction scored against its
+    own sentence and against another one), so that the difference is paired. With N = 1 the
+    standard error is infinite and nothing counts as above chance."""
+    matched_pairs, chance_pairs = list(matched_pairs), list(chance_pairs)
+    if not matched_pairs or len(matched_pairs) != len(chance_pairs):
+        raise ValueError(f"{len(matched_pairs)} matched and {len(chance_pairs)} chance pairs; accepted: the same "
+                         "number, at least one")
+    matched = torch.tensor([word_overlap(r, c) for r, c in matched_pairs], dtype=torch.float64)
+    chance = torch.tensor([word_overlap(r, c) for r, c in chance_pairs], dtype=torch.float64)
+    difference = matched - chance
+    n = len(difference)
+    standard_error = float(difference.std(unbiased=True)) / n ** 0.5 if n > 1 else float("inf")
+    mean_difference = float(difference.mean())
+    return OverlapComparison(matched=float(matched.mean()), chance=float(chance.mean()), difference=mean_difference,
+                             standard_error=standard_error, above_chance=mean_difference > 2 * standard_error,
+                             num_pairs=n)
+
+
+def length_correlation(originals, decodings) -> float:
+    """Pearson correlation of the word counts of N decodings with those of their originals
+    (a code that holds nothing else often still holds the length). NaN when either side has
+    one length only (a collapsed model decodes one sentence for every input)."""
+    originals, decodings = list(originals), list(decodings)
+    if len(originals) != len(decodings) or len(originals) < 2:
+        raise ValueError(f"{len(originals)} originals and {len(decodings)} decodings; accepted: the same "
+                         "number, at least two")
+    x = torch.tensor([len(s.split()) for s in originals], dtype=torch.float64)
+    y = torch.tensor([len(s.split()) for s in decodings], dtype=torch.float64)
+    x, y = x - x.mean(), y - y.mean()
+    norm = float(x.norm() * y.norm())
+    return float((x * y).sum()) / norm if norm > 0 else float("nan")
+
+
+def nearest_neighbours(queries: torch.Tensor, keys: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """Indices of the ``k`` keys nearest (Euclidean) to each query, nearest first.
+    ``queries`` [M, D], ``keys`` [N, D] -> [M, k] (long). Ties go to the lower index."""
+    _check_positive("k", k)
+    if queries.dim() != 2 or keys.dim() != 2 or queries.shape[1] != keys.shape[1]:
+        raise ValueError(f"queries {tuple(queries.shape)} and keys {tuple(keys.shape)}; accepted: [M, D] and [N, D]")
+    if k > keys.shape[0]:
+        raise ValueError(f"k={k} but only {keys.shape[0]} keys; accepted: k <= number of keys")
+    distances = torch.cdist(queries.double(), keys.double().to(queries.device))  # [M, N]
+    # a stable sort keeps the lower index first among equal distances
+    return torch.sort(distances, dim=1, stable=True).indices[:, :k]  # [M, k]
 
 
 # ------------------------------------------------------------------------------------ results
@@ -212,6 +296,16 @@ def sample(run_or_model, num_sentences: int, *, vocab=None, temperature: float =
         ids = model.generate(None, max_new_tokens, greedy=greedy, temperature=temperature,
                              num_sequences=num_sentences, generator=generator)
     return [vocab.decode(row) for row in ids]
+
+
+def posterior_means(run_or_model, sentences, *, vocab=None, batch_size: int = 64) -> torch.Tensor:
+    """mu(x) of each sentence (text or ``[BOS] .. [EOS]`` id lists), [N, D] on the CPU in the
+    order given. Refuses the LM (no z)."""
+    model, vocab, _, max_length = _unpack(run_or_model, vocab, None)
+    _refuse_without_latent(model, "posterior_means")
+    _check_positive("batch_size", batch_size)
+    sequences = _as_sequences(sentences, model, vocab, max_length, "sentences")
+    return _posterior_latents(model, sequences, use_mean=True, generator=None, batch_size=batch_size).cpu()
 
 
 def interpolate(run_or_model, sentence_a, sentence_b, num_steps: int = 7, *, vocab=None, greedy: bool = True,
