@@ -11,6 +11,7 @@ table, never reported as the value.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass
 
 import torch
@@ -19,6 +20,7 @@ from . import estimators as est
 from .data import iterate_batches
 from .device import module_device, move_batch
 from .latent_space import token_accuracy
+from .training_split import training_split_aggregate
 
 
 @dataclass(frozen=True)
@@ -70,16 +72,11 @@ def budget_measures(run, profile, *, recon_sentences: int = 200, seed: int = 0, 
     started = time.time()
     corpus = evaluation_corpus(run)
     model = run.model.eval()
-    train_seqs = corpus.token_ids("train")
-    params = est.collect_posterior_parameters(
-        model, iterate_batches(train_seqs, 256, run.vocab.pad_id, shuffle=False, bucket=False), progress=progress)
-    with_self, loo = est.self_and_leave_one_out_terms(params.loc, params.scale,
-                                                      generator=torch.Generator().manual_seed(seed))
-    units = est.active_units(params.loc)
+    # the cached training-split estimates notebook 03 shows too: one N x N pass per run for both
+    split = training_split_aggregate(run, seed=seed, progress=progress)
     test_seqs = corpus.token_ids("test")[:recon_sentences]
     recon = reconstruction_accuracy(model, test_seqs, run.vocab.pad_id)
     recon_prior = reconstruction_accuracy(model, test_seqs, run.vocab.pad_id, from_prior_mean=True)
-    mi, kl = with_self.mutual_information, with_self.marginal_kl
     return {
         "label": cfg.label, "objective": cfg.objective.name, "target_rate": cfg.objective.target_rate,
         "steps": cfg.train.max_steps, "batch_size": cfg.train.batch_size, "run_key": cfg.key,
@@ -87,12 +84,14 @@ def budget_measures(run, profile, *, recon_sentences: int = 200, seed: int = 0, 
         "seconds_per_step": (run.meta.get("timing") or {}).get("seconds_per_step"),
         "test": {k: v for k, v in ev.as_dict().items() if k != "kl_per_dimension"},
         "train_split": {
-            "num_points": with_self.num_points, "rate": with_self.rate,
-            "mutual_information": mi.value, "mutual_information_ceiling": mi.ceiling,
-            "mutual_information_at_ceiling": bool(mi.at_ceiling),
-            "mutual_information_loo": loo.mutual_information.value,
-            "marginal_kl": kl.value, "marginal_kl_floor": kl.floor, "marginal_kl_at_floor": bool(kl.at_floor),
-            "marginal_kl_loo": loo.marginal_kl.value, "active_units": units.num_active,
+            "num_points": split.num_sentences, "rate": split.rate,
+            "mutual_information": split.mutual_information,
+            "mutual_information_ceiling": split.mutual_information_ceiling,
+            "mutual_information_at_ceiling": split.mutual_information_at_ceiling,
+            "mutual_information_loo": split.mutual_information_loo,
+            "marginal_kl": split.marginal_kl, "marginal_kl_floor": split.marginal_kl_floor,
+            "marginal_kl_at_floor": split.marginal_kl_at_floor,
+            "marginal_kl_loo": split.marginal_kl_loo, "active_units": split.active_units,
         },
         "reconstruction": asdict(recon), "reconstruction_from_prior_mean": asdict(recon_prior),
         "seconds": time.time() - started,
@@ -198,16 +197,20 @@ MEASURES_VERSION = 2
 
 def budget_row_key(run_key: str, profile, *, seed: int = 0, recon_sentences: int = 200) -> str:
     """Cache key of a run's budget row: the run, the estimator sizes, the seed, the number of
-    reconstructed sentences, :data:`MEASURES_VERSION` and the evaluation code."""
+    reconstructed sentences, :data:`MEASURES_VERSION`, the evaluation and training-split code and
+    this module."""
     import hashlib
 
     from .cache import canonical_json
+    from .cache import source_fingerprint
     from .evaluation import evaluation_code_version
     from .profiles import get_profile
+    from .training_split import training_split_code_version
 
     p = get_profile(profile) if isinstance(profile, str) else profile
     payload = {"run": run_key, "size": asdict(p.estimators), "seed": seed, "recon_sentences": recon_sentences,
-               "version": MEASURES_VERSION, "code": evaluation_code_version()}
+               "version": MEASURES_VERSION,
+               "code": [evaluation_code_version(), training_split_code_version(), source_fingerprint([Path(__file__)])]}
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:16]
 
 
