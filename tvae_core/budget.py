@@ -316,11 +316,11 @@ def phenomena_table(rows: list[dict], mmm: dict, *, collapse_rate: float = 0.5,
 
     ``collapse_rate``: the VAE counts as collapsed below this test rate (nats). ``tolerance``:
     relative, the book's one on-target tolerance by default
-    (:data:`tvae_core.findings.ON_TARGET_TOLERANCE`). A comparison whose estimate sits at its
+    (:data:`tvae_core.analysis.ON_TARGET_TOLERANCE`). A comparison whose estimate sits at its
     ceiling or floor is "at ceiling" / "at floor", never compared; the MMM's marginal KLs count
     as ordered only when they differ by more than twice the standard error of the difference.
     """
-    from .findings import ON_TARGET_TOLERANCE, on_target, relative_deviation
+    from .analysis import ON_TARGET_TOLERANCE, on_target, relative_deviation
 
     tol = ON_TARGET_TOLERANCE if tolerance is None else tolerance
     by = {(r["objective"], None if r["target_rate"] is None else float(r["target_rate"]), int(r["steps"])): r

@@ -71,11 +71,14 @@ def method_config(method: str, profile: str | Profile, target_rate: float | None
     return base_config(profile, seed).replace(objective=objective, model=model, label=label)
 
 
-def thesis_grid(profile: str | Profile, seed: int = 0) -> dict[str, RunConfig]:
-    """VAE, AE, CYC, and FB / MDR / CYC-FB at every target rate of the profile (label -> config)."""
+def thesis_grid(profile: str | Profile, seed: int = 0,
+                targeted_methods: tuple[str, ...] = TARGETED_METHODS) -> dict[str, RunConfig]:
+    """VAE, AE, CYC, and each of ``targeted_methods`` (registry labels or names of methods that
+    take a target rate; the thesis's FB / MDR / CYC-FB by default) at every target rate of the
+    profile (label -> config)."""
     p = get_profile(profile) if isinstance(profile, str) else profile
     runs = {m: method_config(m, p, seed=seed) for m in ("VAE", "AE", "CYC")}
-    for method in TARGETED_METHODS:
+    for method in targeted_methods:
         for rate in p.target_rates:
             cfg = method_config(method, p, rate, seed)
             runs[cfg.label] = cfg

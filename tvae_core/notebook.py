@@ -51,6 +51,36 @@ def apply_target_rates(profile, target_rates):
     return dataclasses.replace(profile, target_rates=rates)
 
 
+def targeted_methods(methods, required=("FB", "MDR")) -> tuple[str, ...]:
+    """The registry labels of the targeted methods a page trains at every target rate: the
+    notebooks' ``methods`` parameter (registry labels or names, e.g. ``["FB", "MDR"]`` or a method
+    a reader registered with :func:`tvae_core.methods.register_method`), or the thesis's
+    :data:`tvae_core.experiments.TARGETED_METHODS` when it is empty. Every entry must take a target
+    rate, and the page's comparisons need the ``required`` ones."""
+    from .experiments import TARGETED_METHODS
+    from .methods import METHODS, get_method
+
+    if not methods:
+        return TARGETED_METHODS
+    accepted = tuple(m.label for m in METHODS.values() if m.takes_target)
+    labels = []
+    for name in methods:
+        try:
+            method = get_method(str(name))
+        except ValueError:
+            method = None
+        if method is None or not method.takes_target:
+            raise ValueError(f"parameter methods={list(methods)!r}: {name!r} is not accepted; accepted values: "
+                             f"methods that take a target rate, {accepted}")
+        if method.label not in labels:
+            labels.append(method.label)
+    missing = [m for m in required if m not in labels]
+    if missing:
+        raise ValueError(f"parameter methods={list(methods)!r} lacks {missing}: this page compares "
+                         f"{' and '.join(required)}, so they must be among its methods (accepted values: {accepted})")
+    return tuple(labels)
+
+
 def check_parameters(namespace: dict, choices: dict[str, tuple] | None = None) -> dict:
     """Check every annotated parameter in ``namespace`` (a notebook's ``globals()``).
 

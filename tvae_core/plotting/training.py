@@ -20,6 +20,7 @@ import numpy as np
 from matplotlib.colors import to_hex, to_rgb
 from matplotlib.ticker import MaxNLocator
 
+from ..analysis import smooth
 from ..methods import method_of
 from .style import METHOD_COLOURS, METHOD_MARKERS, finish_axes, new_figure
 
@@ -90,19 +91,6 @@ def run_styles(labels: Sequence[str], colours: Mapping[str, str] | None = None,
 
 
 # ------------------------------------------------------------------------------ training curves
-def smooth(values: Sequence[float], window: int) -> np.ndarray:
-    """Centred moving average over ``window`` steps; the edges average what is there (no
-    shrinking towards zero). ``window <= 1`` returns the values unchanged."""
-    values = np.asarray(values, dtype=float)
-    if window <= 1 or values.size == 0:
-        return values
-    window = min(int(window), values.size)
-    kernel = np.ones(window)
-    sums = np.convolve(values, kernel, mode="same")
-    counts = np.convolve(np.ones_like(values), kernel, mode="same")
-    return sums / counts
-
-
 def _train_series(history: Mapping, quantity: str) -> tuple[np.ndarray, np.ndarray]:
     rows = [r for r in history.get("train", []) if quantity in r]
     return (np.array([r["step"] + 1 for r in rows], dtype=float),  # after step t, t + 1 steps are done

@@ -1,0 +1,169 @@
+"""The pages' shared analysis (verdicts, ranks, multipliers, collapse time, the run table), on hand-built cases."""
+import math
+
+import numpy as np
+import pytest
+
+from tvae_core.analysis import (A_BELOW_B, AT_FLOOR, AT_LIMIT, B_BELOW_A, DOES_NOT_REPRODUCE, NOT_SEPARABLE,
+                                NOT_TESTED, ON_TARGET_TOLERANCE, PARTLY, REPRODUCES, at_floor, compare_marginal_kl,
+                                collapse_phrase, monotone_in_target, multiplier_summary, on_target,
+                                rank_correlation, rates_vs_targets, relative_deviation, run_table,
+                                sentences_until_collapse, smooth, verdict_from_checks)
+
+# the thesis code's PTB free-bits sweep (its results tables): every rate below its target
+THESIS_FB = {4: 2.74, 8: 6.20, 16: 12.13, 24: 19.49, 32: 26.09}
+
+
+def test_on_target_is_a_relative_band_around_the_target():
+    assert ON_TARGET_TOLERANCE == 0.10
+    assert on_target(8.79, 8.0) and on_target(7.21, 8.0)
+    assert not on_target(8.9, 8.0) and not on_target(7.1, 8.0)
+    assert relative_deviation(6.0, 8.0) == pytest.approx(-0.25)
+
+
+def test_rates_vs_targets_counts_below_within_and_above():
+    fb = rates_vs_targets(THESIS_FB)
+    assert (fb.below, fb.within, fb.above, fb.count, fb.pattern) == (5, 0, 0, 5, "all below")
+    mdr = rates_vs_targets({4: 4.1, 8: 7.9, 16: 16.5})
+    assert mdr.pattern == "all within tolerance" and mdr.within == 3
+    assert rates_vs_targets({4: 8.9, 8: 12.8}).pattern == "all above"
+    mixed = rates_vs_targets({4: 3.0, 8: 8.0, 16: 20.0})
+    assert (mixed.below, mixed.within, mixed.above, mixed.pattern) == (1, 1, 1, "mixed")
+    # the band's edges belong to "within"; a wider tolerance moves runs into it
+    assert rates_vs_targets({10: 9.0, 20: 22.0}).pattern == "all within tolerance"
+    assert rates_vs_targets(THESIS_FB, tolerance=0.25).within == 4
+
+
+def test_monotone_in_target_orders_by_target_and_needs_every_step_beyond_the_noise():
+    elbo = {32: -109.96, 4: -95.93, 16: -102.01, 8: -98.56, 24: -105.88}   # any key order
+    assert monotone_in_target(elbo) == "falling"
+    assert monotone_in_target(THESIS_FB) == "rising"
+    assert monotone_in_target({4: 1.0, 8: 2.0, 16: 1.5}) == "not monotone"
+    assert monotone_in_target({4: 1.0, 8: 1.0}) == "not monotone"
+    # a rise of 0.3 with standard errors of 0.1 each: 0.3 > 2 * 0.141 counts, 0.25 does not
+    assert monotone_in_target({4: 0.0, 8: 0.3}, {4: 0.1, 8: 0.1}) == "rising"
+    assert monotone_in_target({4: 0.0, 8: 0.25, 16: 1.0}, {4: 0.1, 8: 0.1, 16: 0.1}) == "not monotone"
+    # an MI estimate at its log N ceiling cannot be ranked
+    assert monotone_in_target({4: 1.0, 8: 6.4}, at_limit={4: False, 8: True}) == AT_LIMIT
+
+
+def test_at_floor_is_within_two_combined_standard_errors_of_the_calibration_floor():
+    assert at_floor(-0.02, 0.03, -0.05, 0.02)
+    assert not at_floor(0.5, 0.03, -0.05, 0.02)
+    assert at_floor(0.5, 0.03, -0.05, 0.02, separation=20.0)
+
+
+def test_compare_marginal_kl_orders_only_what_the_errors_and_limits_allow():
+    assert compare_marginal_kl(0.1, 2.0, 0.1, 0.2) == A_BELOW_B
+    assert compare_marginal_kl(2.0, 0.1, 0.2, 0.1) == B_BELOW_A
+    # difference 0.4 against 2 * hypot(0.15, 0.15) = 0.42
+    assert compare_marginal_kl(1.0, 1.4, 0.15, 0.15) == NOT_SEPARABLE
+    assert compare_marginal_kl(0.01, 0.02, 0.0, 0.0, a_at_floor=True, b_at_floor=True) == AT_FLOOR
+    # one at the floor and the other clearly above it: still ordered
+    assert compare_marginal_kl(0.01, 3.0, 0.01, 0.1, a_at_floor=True) == A_BELOW_B
+    assert compare_marginal_kl(0.01, 3.0, 0.01, 0.1, b_at_limit=True) == AT_LIMIT
+    assert compare_marginal_kl(0.01, 3.0, 0.01, 0.1, a_at_floor=True, b_at_floor=True, a_at_limit=True) == AT_LIMIT
+
+
+def test_verdict_from_checks_joins_per_target_tests():
+    assert verdict_from_checks([True, True]) == REPRODUCES
+    assert verdict_from_checks({"4": True, "8": False}) == PARTLY
+    assert verdict_from_checks([np.bool_(False), False]) == DOES_NOT_REPRODUCE
+    assert verdict_from_checks([]) == NOT_TESTED
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda: relative_deviation(1.0, 0.0), "target"),
+    (lambda: on_target(1.0, 1.0, tolerance=-0.1), "tolerance"),
+    (lambda: rates_vs_targets({}), "rates"),
+    (lambda: rates_vs_targets({0: 1.0}), "rates"),
+    (lambda: rates_vs_targets({4: -1.0}), "rates"),
+    (lambda: rates_vs_targets({4: 1.0}, tolerance=-1), "tolerance"),
+    (lambda: monotone_in_target({4: 1.0}), "values"),
+    (lambda: monotone_in_target({4: 1.0, 8: math.nan}), "values"),
+    (lambda: monotone_in_target({4: 1.0, 8: 2.0}, {4: -0.1, 8: 0.1}), "standard_errors"),
+    (lambda: monotone_in_target({4: 1.0, 8: 2.0}, separation=-1), "separation"),
+    (lambda: at_floor(1.0, -0.1, 0.0, 0.1), "se"),
+    (lambda: at_floor(1.0, 0.1, math.inf, 0.1), "floor"),
+    (lambda: compare_marginal_kl(math.nan, 1.0, 0.1, 0.1), "a"),
+    (lambda: compare_marginal_kl(1.0, 1.0, 0.1, -0.1), "se_b"),
+    (lambda: compare_marginal_kl(1.0, 1.0, 0.1, 0.1, separation=-2), "separation"),
+    (lambda: verdict_from_checks([1, 0]), "checks"),
+])
+def test_bad_inputs_name_the_parameter(call, name):
+    with pytest.raises(ValueError, match=name):
+        call()
+
+
+# --- the pages' analysis: verdict words, ranks, multipliers, collapse time, the run table --------
+def test_rates_vs_targets_verdict_in_words():
+    assert rates_vs_targets({8: 8.1, 16: 16.5}).verdict == "lands on target"
+    assert rates_vs_targets({8: 5.0, 16: 12.0}).verdict == "undershoots"
+    assert rates_vs_targets({8: 10.0, 16: 20.0}).verdict == "overshoots"
+    assert rates_vs_targets({8: 5.0, 16: 20.0}).verdict == "misses in both directions"
+    assert rates_vs_targets({8: 8.0, 16: 12.0}).verdict == "lands on target for some targets only"
+
+
+def test_rank_correlation_is_spearmans_rho():
+    assert rank_correlation([4, 8, 16], [-100, -110, -130]) == pytest.approx(-1.0)
+    assert rank_correlation([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)   # 1 - 6 * 2 / (4 * 15)
+    assert math.isnan(rank_correlation([1.0], [2.0]))
+    with pytest.raises(ValueError, match="one length"):
+        rank_correlation([1, 2], [1, 2, 3])
+
+
+def test_smooth_averages_what_is_there_at_the_edges():
+    assert smooth([1.0, 2.0, 3.0], 1).tolist() == [1.0, 2.0, 3.0]
+    assert smooth([0.0, 3.0, 6.0], 3).tolist() == pytest.approx([1.5, 3.0, 4.5])
+
+
+def _rows(rates, lambdas):
+    return [{"rate": r, "mdr_lambda": lam} for r, lam in zip(rates, lambdas)]
+
+
+def test_multiplier_summary_tells_a_settled_run_from_a_limit_cycle():
+    steps = 400
+    settled = multiplier_summary(_rows([16.0 + 0.1 * (-1) ** t for t in range(steps)], [1.0 + 0.01 * (-1) ** t for t in range(steps)]),
+                                 target=16.0, window=10, band=0.5)
+    assert settled.settled and settled.last_quarter_min == pytest.approx(15.9, abs=0.11)
+    assert settled.crossings_of_one == steps - 1   # jitter around 1 crosses it every step
+    # a limit cycle: the rate swings 0 <-> 100 with a period of 100 steps, lambda between 0 and 2
+    phase = np.arange(steps) % 100
+    cycling = multiplier_summary(_rows(np.where(phase < 50, 0.0, 100.0), np.where(phase < 50, 2.0, 0.0)),
+                                 target=16.0, window=10, band=0.5)
+    assert not cycling.settled and cycling.crossings_of_one == 7
+    assert cycling.last_quarter_min == 0.0 and cycling.last_quarter_max == 100.0
+    assert cycling.max_lambda == 2.0 and cycling.final_lambda == 0.0
+    with pytest.raises(ValueError, match="mdr_lambda"):
+        multiplier_summary([{"rate": 1.0}] * 8, target=16.0, window=1, band=0.5)
+    with pytest.raises(ValueError, match="target"):
+        multiplier_summary(_rows([1.0] * 8, [1.0] * 8), target=0.0, window=1, band=0.5)
+
+
+def test_sentences_until_collapse_times_the_last_fall_below_the_threshold():
+    rates = [5.0, 4.0, 3.0, 0.1, 0.1, 0.1]
+    assert sentences_until_collapse(rates, threshold=0.5, batch_size=32) == 4 * 32   # last above: step 2
+    assert sentences_until_collapse([0.1] * 6, threshold=0.5, batch_size=32) == 0     # starts collapsed
+    assert sentences_until_collapse([5.0] * 6, threshold=0.5, batch_size=32) is None  # never collapses
+    assert sentences_until_collapse([0.1, 2.0, 0.1, 0.1], threshold=0.5, batch_size=8) == 3 * 8  # comes back once
+    assert "collapses after 128 training sentences" in collapse_phrase("the small decoder", 128, 5.0, 192)
+    assert "starts collapsed" in collapse_phrase("the small decoder", 0, 0.1, 192)
+    assert "does not collapse within its 192" in collapse_phrase("the small decoder", None, 5.0, 192)
+
+
+def test_run_table_takes_each_runs_method_from_its_config_not_its_label():
+    from types import SimpleNamespace
+
+    from tvae_core.experiments import method_config
+
+    config = method_config("FB", "smoke", 8.0, free_bits_variant="total").replace(label="my own name")
+    run = SimpleNamespace(config=config, metrics={})
+    ev = SimpleNamespace(rate=7.0, distortion=100.0, elbo=-107.0, iw_log_likelihood=-104.0, iw_log_likelihood_se=0.5,
+                         elbo_on_iw_sentences=-106.0, iw_perplexity=200.0, active_units=3, mutual_information=2.0,
+                         mutual_information_ceiling=8.2, mutual_information_at_ceiling=False, marginal_kl=5.0)
+    table = run_table({"my own name": run}, {"my own name": ev})
+    row = table.loc["my own name"]
+    assert row["method"] == "FB" and row["variant"] == "total" and row["target_rate"] == 8.0
+    assert row["rate"] == 7.0 and math.isnan(row["final_lambda"]) and not row["mi_at_ceiling"]
+    with pytest.raises(ValueError, match="without an evaluation"):
+        run_table({"my own name": run}, {})

@@ -1,0 +1,342 @@
+"""The analysis the pages share, as tested functions instead of notebook cells.
+
+The vocabulary a page uses when it judges a thesis finding: one on-target tolerance, so every
+page calls the same runs "on target", and small rules that turn measured values into a verdict (a
+rate pattern, a trend over targets, an ordering of two marginal KLs). Each rule refuses to compare
+a value at its estimator's limit (a ceiling such as log N, or a calibration floor) and says so
+instead. Beside them: the run table of a set of evaluated runs, a rank correlation, whether a
+Lagrange multiplier settled, and when a run's rate collapsed.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+# relative: a run's test rate R counts as on its target r when |R - r| <= ON_TARGET_TOLERANCE * r
+ON_TARGET_TOLERANCE = 0.10
+
+
+def relative_deviation(rate: float, target: float) -> float:
+    """(R - r) / r: negative below the target, positive above it."""
+    if not target > 0:
+        raise ValueError(f"target={target!r} must be a rate > 0 (nats)")
+    return (rate - target) / target
+
+
+def on_target(rate: float, target: float, tolerance: float = ON_TARGET_TOLERANCE) -> bool:
+    """Whether ``rate`` lies within ``(1 +- tolerance) * target``."""
+    if not tolerance >= 0:
+        raise ValueError(f"tolerance={tolerance!r} must be >= 0 (relative)")
+    return abs(relative_deviation(rate, target)) <= tolerance
+
+
+# --- verdicts on a thesis finding --------------------------------------------------------------
+# A page states what a thesis finding became in the book with one of these words, decided by the
+# functions below from measured values, never typed by hand.
+REPRODUCES = "reproduces"
+PARTLY = "partly reproduces"
+DOES_NOT_REPRODUCE = "does not reproduce"
+NOT_TESTED = "not tested here"
+
+# how many (combined) standard errors two estimates must differ by before a page orders them
+SEPARATION = 2.0
+
+A_BELOW_B = "a below b"
+B_BELOW_A = "b below a"
+NOT_SEPARABLE = "not separable (within 2 se)"
+AT_FLOOR = "at floor: undecidable"
+AT_LIMIT = "at estimator limit: undecidable"
+
+
+def _check_finite(name: str, value: float, minimum: float | None = None) -> float:
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name}={value!r} must be finite")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}={value!r} must be >= {minimum:g}")
+    return value
+
+
+def _checked_mapping(name: str, values: Mapping[float, float], minimum: int) -> list[tuple[float, float]]:
+    """(target, value) pairs sorted by target; targets > 0, values finite, at least ``minimum``."""
+    if len(values) < minimum:
+        raise ValueError(f"{name} needs at least {minimum} targets, got {len(values)}")
+    pairs = []
+    for target, value in values.items():
+        if not float(target) > 0:
+            raise ValueError(f"{name}: target {target!r} must be a rate > 0 (nats)")
+        pairs.append((float(target), _check_finite(f"{name}[{target!r}]", value)))
+    return sorted(pairs)
+
+
+@dataclass(frozen=True)
+class RatesVersusTargets:
+    """How a method's achieved rates sit against its targets (band: :data:`ON_TARGET_TOLERANCE`)."""
+    below: int        # rate < (1 - tolerance) * target
+    within: int       # on target
+    above: int        # rate > (1 + tolerance) * target
+    tolerance: float
+
+    @property
+    def count(self) -> int:
+        return self.below + self.within + self.above
+
+    @property
+    def verdict(self) -> str:
+        """In words: 'lands on target', 'undershoots', 'overshoots', 'misses in both directions'
+        or 'lands on target for some targets only'."""
+        if self.within == self.count:
+            return "lands on target"
+        if self.below == self.count:
+            return "undershoots"
+        if self.above == self.count:
+            return "overshoots"
+        if self.below and self.above:
+            return "misses in both directions"
+        return "lands on target for some targets only"
+
+    @property
+    def pattern(self) -> str:
+        """'all below', 'all within tolerance', 'all above' or 'mixed'."""
+        for name, n in (("all below", self.below), ("all within tolerance", self.within),
+                        ("all above", self.above)):
+            if n == self.count:
+                return name
+        return "mixed"
+
+
+def rates_vs_targets(rates: Mapping[float, float],
+                     tolerance: float = ON_TARGET_TOLERANCE) -> RatesVersusTargets:
+    """Count the runs below, on and above their targets.
+
+    ``rates`` maps each target rate r (nats, > 0) to the achieved rate R of its run (analytic, so
+    never at an estimator limit). R is on target when |R - r| <= tolerance * r (:func:`on_target`),
+    below when R is under that band and above when over it.
+    """
+    if not tolerance >= 0:
+        raise ValueError(f"tolerance={tolerance!r} must be >= 0 (relative)")
+    pairs = _checked_mapping("rates", rates, minimum=1)
+    for target, rate in pairs:
+        _check_finite(f"rates[{target!r}]", rate, minimum=0.0)
+    below = sum(relative_deviation(rate, target) < -tolerance for target, rate in pairs)
+    above = sum(relative_deviation(rate, target) > tolerance for target, rate in pairs)
+    return RatesVersusTargets(below=below, within=len(pairs) - below - above, above=above,
+                              tolerance=tolerance)
+
+
+def monotone_in_target(values: Mapping[float, float], standard_errors: Mapping[float, float] | None = None,
+                       at_limit: Mapping[float, bool] | None = None,
+                       separation: float = SEPARATION) -> str:
+    """'rising', 'falling', 'not monotone' or :data:`AT_LIMIT`, for values ordered by their target.
+
+    Rule: a step between neighbouring targets counts only if it exceeds ``separation`` combined
+    standard errors (``sqrt(se_i**2 + se_j**2)``; with no standard errors, any nonzero step
+    counts). 'rising' when every step rises, 'falling' when every step falls, else 'not monotone'
+    (a step within the noise breaks a trend too). If any value sits at its estimator's limit
+    (``at_limit``, e.g. an MI estimate at its log N ceiling), the trend is not decided: AT_LIMIT.
+    """
+    pairs = _checked_mapping("values", values, minimum=2)
+    if at_limit is not None and any(at_limit.get(target, False) for target in values):
+        return AT_LIMIT
+    if not separation >= 0:
+        raise ValueError(f"separation={separation!r} must be >= 0 (standard errors)")
+    se = {}
+    for target, _ in pairs:
+        raw = 0.0 if standard_errors is None else standard_errors.get(target, 0.0)
+        se[target] = _check_finite(f"standard_errors[{target!r}]", raw, minimum=0.0)
+    steps = []
+    for (t0, v0), (t1, v1) in zip(pairs, pairs[1:]):
+        noise = separation * math.hypot(se[t0], se[t1])
+        steps.append(0 if abs(v1 - v0) <= noise else (1 if v1 > v0 else -1))
+    if all(s == 1 for s in steps):
+        return "rising"
+    if all(s == -1 for s in steps):
+        return "falling"
+    return "not monotone"
+
+
+def at_floor(value: float, se: float, floor: float, floor_se: float, separation: float = SEPARATION) -> bool:
+    """Whether an estimate is indistinguishable from its estimator's calibration floor (the value it
+    reports when the truth is zero): ``value - floor <= separation * sqrt(se**2 + floor_se**2)``."""
+    value, floor = _check_finite("value", value), _check_finite("floor", floor)
+    se, floor_se = _check_finite("se", se, 0.0), _check_finite("floor_se", floor_se, 0.0)
+    return value - floor <= separation * math.hypot(se, floor_se)
+
+
+def compare_marginal_kl(a: float, b: float, se_a: float, se_b: float, *, a_at_floor: bool = False,
+                        b_at_floor: bool = False, a_at_limit: bool = False, b_at_limit: bool = False,
+                        separation: float = SEPARATION) -> str:
+    """Order two marginal-KL estimates, or say why they cannot be ordered.
+
+    Rule, in this order: either estimate at its estimator's limit (e.g. an aggregate-posterior
+    estimate whose MI is at the log N ceiling) -> :data:`AT_LIMIT`; both at the calibration floor
+    (:func:`at_floor`) -> :data:`AT_FLOOR`; |a - b| <= ``separation`` * sqrt(se_a**2 + se_b**2)
+    -> :data:`NOT_SEPARABLE`; else :data:`A_BELOW_B` or :data:`B_BELOW_A`.
+    """
+    a, b = _check_finite("a", a), _check_finite("b", b)
+    se_a, se_b = _check_finite("se_a", se_a, 0.0), _check_finite("se_b", se_b, 0.0)
+    if not separation >= 0:
+        raise ValueError(f"separation={separation!r} must be >= 0 (standard errors)")
+    if a_at_limit or b_at_limit:
+        return AT_LIMIT
+    if a_at_floor and b_at_floor:
+        return AT_FLOOR
+    if abs(a - b) <= separation * math.hypot(se_a, se_b):
+        return NOT_SEPARABLE
+    return A_BELOW_B if a < b else B_BELOW_A
+
+
+def verdict_from_checks(checks: Sequence[bool] | Mapping[str, bool]) -> str:
+    """Join the tests of one finding (e.g. one per target rate): :data:`REPRODUCES` if all hold,
+    :data:`DOES_NOT_REPRODUCE` if none does, else :data:`PARTLY`. No checks: :data:`NOT_TESTED`."""
+    results = list(checks.values()) if isinstance(checks, Mapping) else list(checks)
+    if not all(type(r).__name__ in ("bool", "bool_") for r in results):   # numpy's bool too
+        raise ValueError(f"checks={checks!r} must be booleans")
+    if not results:
+        return NOT_TESTED
+    if all(results):
+        return REPRODUCES
+    return DOES_NOT_REPRODUCE if not any(results) else PARTLY
+
+
+# --- series and tables -------------------------------------------------------------------------
+def smooth(values: Sequence[float], window: int) -> np.ndarray:
+    """Centred moving average over ``window`` steps; the edges average what is there (no
+    shrinking towards zero). ``window <= 1`` returns the values unchanged."""
+    values = np.asarray(values, dtype=float)
+    if window <= 1 or values.size == 0:
+        return values
+    window = min(int(window), values.size)
+    kernel = np.ones(window)
+    sums = np.convolve(values, kernel, mode="same")
+    counts = np.convolve(np.ones_like(values), kernel, mode="same")
+    return sums / counts
+
+
+def rank_correlation(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation of ``x`` and ``y`` (the Pearson correlation of their ranks;
+    ties ranked in order of appearance): +1 when y rises with x, -1 when it falls. NaN for fewer
+    than two pairs."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"x and y must be 1-d of one length, got shapes {x.shape} and {y.shape}")
+    if x.size < 2:
+        return float("nan")
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise ValueError("x and y must be finite")
+    rx, ry = np.argsort(np.argsort(x, kind="stable")), np.argsort(np.argsort(y, kind="stable"))
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def run_table(runs: Mapping[str, object], evaluations: Mapping[str, object]):
+    """One row per run label: its method (from the run's config, :func:`tvae_core.methods.method_of`,
+    never parsed from the label), free-bits variant, target rate, and the held-out evaluation
+    (:class:`tvae_core.evaluation.Evaluation`): rate, distortion, ELBO, IW log-likelihood and its
+    standard error, the ELBO on the IW sentences, IW perplexity, active units, aggregate MI with its
+    ceiling and whether it sits there, marginal KL, and the final MDR multiplier (NaN elsewhere)."""
+    import pandas as pd
+
+    from .methods import method_of
+
+    missing = [label for label in runs if label not in evaluations]
+    if missing:
+        raise ValueError(f"runs without an evaluation: {missing}")
+    rows = {}
+    for label, run in runs.items():
+        ev, objective = evaluations[label], run.config.objective
+        method = method_of(run)
+        rows[label] = {
+            "method": method.label,
+            "variant": objective.free_bits_variant if "free_bits_variant" in method.reads else "",
+            "target_rate": float("nan") if objective.target_rate is None else float(objective.target_rate),
+            "rate": ev.rate, "distortion": ev.distortion, "elbo": ev.elbo,
+            "iw_log_likelihood": ev.iw_log_likelihood, "iw_se": ev.iw_log_likelihood_se,
+            "elbo_on_iw_sentences": ev.elbo_on_iw_sentences, "iw_perplexity": ev.iw_perplexity,
+            "active_units": ev.active_units, "mutual_information": ev.mutual_information,
+            "mi_ceiling": ev.mutual_information_ceiling, "mi_at_ceiling": bool(ev.mutual_information_at_ceiling),
+            "marginal_kl": ev.marginal_kl,
+            "final_lambda": float(run.metrics.get("mdr_lambda", float("nan"))),
+        }
+    table = pd.DataFrame(rows).T
+    numeric = [c for c in table.columns if c not in ("method", "variant", "mi_at_ceiling")]
+    table[numeric] = table[numeric].astype(float)
+    table["mi_at_ceiling"] = table["mi_at_ceiling"].astype(bool)
+    return table
+
+
+# --- a Lagrange multiplier over training --------------------------------------------------------
+@dataclass(frozen=True)
+class MultiplierSummary:
+    """How an MDR run's multiplier and rate behaved over training (see :func:`multiplier_summary`)."""
+    max_lambda: float
+    final_lambda: float
+    crossings_of_one: int        # sign changes of lambda_t - 1 (rate weight 1 - lambda_t changing sign)
+    last_quarter_min: float      # smoothed minibatch rate over the last quarter of training (nats)
+    last_quarter_max: float
+    settled: bool
+
+
+def multiplier_summary(train_rows: Sequence[Mapping[str, float]], target: float, window: int,
+                       band: float) -> MultiplierSummary:
+    """Summarise an MDR run's training history (rows with ``rate`` and ``mdr_lambda`` per step).
+
+    The run has *settled* when its minibatch rate, smoothed over ``window`` steps (:func:`smooth`),
+    stays within ``(1 +- band) * target`` over the last quarter of training: a damped multiplier
+    reaches that; an undamped one in a limit cycle swings the rate far outside it, and then
+    ``crossings_of_one`` (how often lambda_t crosses 1, where the rate's weight changes sign) counts
+    the swings.
+    """
+    if not target > 0:
+        raise ValueError(f"target={target!r} must be a rate > 0 (nats)")
+    if not band >= 0:
+        raise ValueError(f"band={band!r} must be >= 0 (relative)")
+    if len(train_rows) < 4:
+        raise ValueError(f"train_rows has {len(train_rows)} steps; at least 4 are needed for a last quarter")
+    try:
+        lam = np.array([r["mdr_lambda"] for r in train_rows], dtype=float)
+        rates = np.array([r["rate"] for r in train_rows], dtype=float)
+    except KeyError as missing:
+        raise ValueError(f"every training row needs 'rate' and 'mdr_lambda'; one lacks {missing}") from None
+    smoothed = smooth(rates, window)
+    last_quarter = smoothed[3 * len(smoothed) // 4:]
+    return MultiplierSummary(
+        max_lambda=float(lam.max()), final_lambda=float(lam[-1]),
+        crossings_of_one=int(np.sum(np.diff(np.sign(lam - 1.0)) != 0)),
+        last_quarter_min=float(last_quarter.min()), last_quarter_max=float(last_quarter.max()),
+        settled=bool(np.all(np.abs(last_quarter - target) <= band * target)))
+
+
+# --- posterior collapse over training ---------------------------------------------------------
+def sentences_until_collapse(rates: Sequence[float], threshold: float, batch_size: int,
+                             window: int = 1) -> int | None:
+    """Training sentences seen before a run's minibatch rate (``rates``, one per step, smoothed
+    over ``window`` steps) falls below ``threshold`` for good.
+
+    Returns 0 when the smoothed rate is below the threshold from the first step on (the run starts
+    collapsed: there is no collapse to time) and None when it is still at or above the threshold
+    at the last step (no collapse within the run); otherwise (steps up to and including the last
+    one above the threshold, plus one) x ``batch_size``.
+    """
+    if not batch_size >= 1:
+        raise ValueError(f"batch_size={batch_size!r} must be >= 1")
+    smoothed = smooth(rates, window)
+    if smoothed.size == 0:
+        raise ValueError("rates is empty")
+    above = np.flatnonzero(smoothed >= threshold)
+    if above.size == 0:
+        return 0
+    step = int(above[-1]) + 1
+    return None if step >= smoothed.size else (step + 1) * batch_size
+
+
+def collapse_phrase(what: str, sentences: int | None, first_rate: float, seen: int) -> str:
+    """:func:`sentences_until_collapse`'s answer in words, for ``what`` (e.g. "the small decoder")."""
+    if sentences is None:
+        return f"{what} does not collapse within its {seen:,} training sentences"
+    if sentences == 0:
+        return (f"{what}'s smoothed rate is below the threshold from its first step on "
+                f"({first_rate:.2f} nats there): it starts collapsed, so there is no collapse to time")
+    return f"{what} collapses after {sentences:,} training sentences"
