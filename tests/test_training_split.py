@@ -146,3 +146,39 @@ def test_marginal_kl_is_compared_only_between_brackets_below_their_limits():
     assert compare(result(0.5, 2.1), result(2.0, 2.5)) == "overlap"
     assert compare(result(2.0, 2.5, at_limit=True), result(0.5, 1.0)) == "at the ceiling"
     assert compare(result(2.0, 2.5), result(0.5, 1.0, at_limit=True)) == "at the ceiling"
+
+
+def test_the_book_runs_whose_training_split_measures_train_all_caches_are_the_pages_runs():
+    from tvae_core.experiments import budget_study, thesis_grid, training_split_measures
+
+    wanted = training_split_measures("smoke")
+    assert {k for k, v in wanted.items() if "training_split" in v} == {c.key for c in thesis_grid("smoke").values()}
+    assert {k for k, v in wanted.items() if "budget_row" in v} == {c.key for c in budget_study("smoke").values()}
+
+
+@pytest.mark.slow
+def test_evaluate_caches_the_training_split_and_budget_row_that_the_pages_read(tmp_path, monkeypatch):
+    """`tvae evaluate --training-split --budget-row` (what train-all's workers run) leaves entries
+    that notebook 03's and 07's calls read back without recomputing."""
+    from tvae_core import budget
+    from tvae_core.budget import cached_budget_measures
+    from tvae_core.cli import main
+
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    cfg = tiny_config(corpus, "mdr", 2.0, max_steps=4)
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps(cfg.to_dict()))
+    runs = tmp_path / "runs"
+    assert main(["evaluate", "--config", str(config_path), "--profile", "smoke", "--runs-dir", str(runs), "--quiet",
+                 "--json", "--training-split", "--budget-row"]) == 0
+    run = train_or_load(cfg, runs, progress=False)
+    assert len(list(run.path.glob("training-split-aggregate-*.json"))) == 1
+    assert len(list(run.path.glob("budget-row-*.json"))) == 1
+
+    def recomputing(*args, **kwargs):
+        raise AssertionError("recomputed a cached entry")
+
+    monkeypatch.setattr(training_split.est, "self_and_leave_one_out_terms", recomputing)
+    monkeypatch.setattr(budget, "budget_measures", recomputing)
+    assert training_split_aggregate(run, seed=cfg.train.seed).run_key == cfg.key
+    assert cached_budget_measures(run, "smoke", seed=cfg.train.seed)

@@ -142,6 +142,14 @@ def cmd_evaluate(args) -> int:
     run = train_or_load(cfg, args.runs_dir, progress=not args.quiet)
     started = time.time()
     result = evaluate_run(run, args.profile, progress=not args.quiet)
+    if args.training_split:   # the pages' training-split estimates (tvae_core.training_split), cached
+        from .training_split import training_split_aggregate
+
+        training_split_aggregate(run, seed=cfg.train.seed, progress=not args.quiet)
+    if args.budget_row:       # notebook 07's row (tvae_core.budget), which holds them too
+        from .budget import cached_budget_measures
+
+        cached_budget_measures(run, args.profile, seed=cfg.train.seed, progress=not args.quiet)
     seconds = time.time() - started
     if args.json:
         keys = ("rate", "distortion", "elbo", "iw_log_likelihood", "iw_perplexity", "mutual_information",
@@ -157,10 +165,12 @@ def cmd_train_all(args) -> int:
     """Train (and, with ``--evaluate``, evaluate) every run of the book for a profile,
     ``--workers`` single-threaded processes at a time (on 2 cores, two 1-thread runs side by side
     beat one 2-thread run)."""
+    from .budget import budget_row_path
     from .evaluation import evaluation_is_cached
-    from .experiments import all_book_runs
+    from .experiments import all_book_runs, training_split_measures
     from .profiles import get_profile
     from .runs import is_valid_run, runs_dir
+    from .training_split import training_split_key
 
     for name in ("workers", "threads"):
         value = getattr(args, name)
@@ -171,8 +181,17 @@ def cmd_train_all(args) -> int:
     size = get_profile(args.profile).estimators
     # a damaged folder is not a trained run: the worker sets it aside and retrains it
     trained = {label for label, cfg in runs.items() if is_valid_run(cfg, root)}
-    evaluated = {label for label, cfg in runs.items()
-                 if label in trained and evaluation_is_cached(root / cfg.key, cfg.key, size)}
+    extra = training_split_measures(args.profile, args.seed)
+
+    def measured(cfg) -> bool:
+        """Whether every cached measure the pages read of this run exists (checked again on load)."""
+        run_dir, wanted = root / cfg.key, extra.get(cfg.key, set())
+        return evaluation_is_cached(run_dir, cfg.key, size) and (
+            "training_split" not in wanted or
+            (run_dir / f"training-split-aggregate-{training_split_key(cfg.key, seed=cfg.train.seed)}.json").is_file()
+        ) and ("budget_row" not in wanted or budget_row_path(run_dir, cfg.key, args.profile, seed=cfg.train.seed).is_file())
+
+    evaluated = {label for label, cfg in runs.items() if label in trained and measured(cfg)}
     todo = {label: cfg for label, cfg in runs.items()
             if label not in trained or (args.evaluate and label not in evaluated)}
     print(f"{len(runs)} runs in profile {args.profile!r}; {len(trained)} trained, "
@@ -189,6 +208,8 @@ def cmd_train_all(args) -> int:
         command = "evaluate" if args.evaluate else "train"
         cmd = [sys.executable, "-m", "tvae_core", command, "--config", str(path), "--quiet",
                "--profile", args.profile] + (["--json"] if args.evaluate else [])
+        if args.evaluate:
+            cmd += [f"--{name.replace('_', '-')}" for name in sorted(extra.get(cfg.key, ()))]
         if args.runs_dir:
             cmd += ["--runs-dir", str(args.runs_dir)]
         started = time.time()
@@ -255,6 +276,10 @@ def main(argv=None) -> int:
         if action.dest != "help":
             evaluate._add_action(action)
     evaluate.add_argument("--json", action="store_true", help="one JSON line instead of the table")
+    evaluate.add_argument("--training-split", action="store_true",
+                          help="also cache the training split's aggregate MI and marginal KL (notebook 03)")
+    evaluate.add_argument("--budget-row", action="store_true",
+                          help="also cache the run's row of the training-budget study (notebook 07)")
     evaluate.set_defaults(func=cmd_evaluate)
 
     execute = sub.add_parser("execute", help="run every notebook with papermill into book/notebooks")

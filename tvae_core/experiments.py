@@ -148,6 +148,20 @@ def budget_study(profile: str | Profile, seed: int = 0) -> dict[str, RunConfig]:
     return runs
 
 
+def training_split_measures(profile: str | Profile, seed: int = 0) -> dict[str, set[str]]:
+    """Which runs' cached measures beyond the held-out evaluation the pages read (run key ->
+    {"training_split", "budget_row"}): the training split's aggregate estimates of every grid run
+    (notebook 03) and the budget row of every budget-study run (notebook 07, which holds the
+    training-split estimates too). ``tvae train-all`` computes them in its parallel workers, so
+    that no page spends its serial execution on them."""
+    wanted: dict[str, set[str]] = {}
+    for cfg in thesis_grid(profile, seed).values():
+        wanted.setdefault(cfg.key, set()).add("training_split")
+    for cfg in budget_study(profile, seed).values():
+        wanted.setdefault(cfg.key, set()).add("budget_row")
+    return wanted
+
+
 def all_book_runs(profile: str | Profile, seed: int = 0) -> dict[str, RunConfig]:
     """Every run the book's notebooks train (label -> config), de-duplicated by cache key."""
     p = get_profile(profile) if isinstance(profile, str) else profile
