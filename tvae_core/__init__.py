@@ -1,4 +1,5 @@
-"""tvae_core: the TransformerVAE, its objectives and estimators, for the book."""
-from .allocator import keep_freed_memory
+"""tvae_core: the TransformerVAE, its objectives and estimators, for the book.
 
-keep_freed_memory()  # glibc: freed memory stays in the process (tvae_core.allocator)
+Importing it changes nothing in the process; the entry points that want glibc's allocator setting
+apply it (:mod:`tvae_core.allocator`).
+"""

@@ -10,8 +10,11 @@ faulted in again) and 65-72 ms; with the thresholds below ~1 fault and 49-53 ms;
 ``benchmarks/bench_train_process.py``). PyTorch's CPU tuning guide swaps in jemalloc or tcmalloc
 (``LD_PRELOAD``) for the same reason; ``mallopt`` needs no extra library.
 
-:func:`keep_freed_memory` runs when :mod:`tvae_core` is imported (training and notebook kernels
-alike). ``TVAE_CORE_MALLOPT=0`` skips it. Only glibc (Linux) has these knobs; elsewhere it does
+Importing :mod:`tvae_core` changes nothing: the entry points that want the setting apply it. The
+command line (``tvae``, hence every ``train-all`` worker) calls :func:`keep_freed_memory` first;
+the book's executor hands the notebook kernels it starts :func:`child_environment`, the same
+thresholds as glibc's start-up variables. A process of your own calls :func:`keep_freed_memory`.
+``TVAE_CORE_MALLOPT=0`` turns both off. Only glibc (Linux) has these knobs; elsewhere they do
 nothing. The cost: up to :data:`TRIM_THRESHOLD` of freed memory stays mapped, memory the process
 had in use at its peak anyway.
 """
@@ -33,13 +36,27 @@ MMAP_THRESHOLD = 32 * 1024 * 1024
 TRIM_THRESHOLD = 1024 * 1024 * 1024
 
 
-@functools.cache
-def keep_freed_memory() -> bool:
-    """Set glibc's mmap and trim thresholds (once per process). True if they were set; False
-    without glibc or with ``TVAE_CORE_MALLOPT=0``."""
+def _wanted() -> bool:
+    """glibc, and not switched off with ``TVAE_CORE_MALLOPT=0``."""
     if os.environ.get("TVAE_CORE_MALLOPT", "1") == "0":
         return False
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+def child_environment() -> dict[str, str]:
+    """The thresholds as the environment variables glibc reads when a process starts (the
+    aliases of its ``glibc.malloc.mmap_threshold``/``trim_threshold`` tunables), for processes
+    this one starts, e.g. notebook kernels; empty where :func:`keep_freed_memory` would do nothing."""
+    if not _wanted():
+        return {}
+    return {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Set glibc's mmap and trim thresholds in this process (once). True if they were set; False
+    without glibc or with ``TVAE_CORE_MALLOPT=0``."""
+    if not _wanted():
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt

@@ -110,11 +110,12 @@ def compute_paths() -> dict[str, str]:
     import torch
 
     from . import native
-    from .allocator import keep_freed_memory
+    from .allocator import child_environment
 
+    # the kernels start with child_environment() (execute_all)
     return {"torch CPU capability": torch.backends.cpu.get_cpu_capability(),
             "LM head in bfloat16 evaluation": native.describe(),
-            "malloc": "glibc, freed memory kept (tvae_core.allocator)" if keep_freed_memory() else "the system's defaults"}
+            "malloc": "glibc, freed memory kept (tvae_core.allocator)" if child_environment() else "the system's defaults"}
 
 
 def _previous_seconds(source: Path) -> float:
@@ -159,6 +160,8 @@ def execute_all(profile: str, kernel: str | None = None, only: list[str] | None 
     side by side beat one 2-thread notebook after the other."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from .allocator import child_environment
+
     if workers < 1:
         raise ValueError(f"workers={workers} must be >= 1")
     notebooks = [nb for nb in source_notebooks(pretrained)
@@ -167,6 +170,7 @@ def execute_all(profile: str, kernel: str | None = None, only: list[str] | None 
     output = output_dir_for(profile)
     if workers > 1:
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"  # inherited by every kernel
+    os.environ.update(child_environment())   # tvae_core.allocator's setting, from each kernel's start
     failures = []
     total = time.time()
 
