@@ -32,6 +32,7 @@ import time
 
 import torch
 
+from tvae_core.allocator import keep_freed_memory
 from tvae_core import native
 from tvae_core.data import iterate_batches, load_corpus
 from tvae_core.estimators import evaluate_log_likelihood, self_and_leave_one_out_terms
@@ -39,6 +40,8 @@ from tvae_core.experiments import method_config
 from tvae_core.methods import compute_loss
 from tvae_core.profiles import get_profile
 from tvae_core.train import build_model, make_optimizer
+
+keep_freed_memory()   # as the book's training processes do (tvae_core.cli): no page faults per step
 
 
 def as_before(model):

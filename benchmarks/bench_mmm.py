@@ -14,7 +14,10 @@ import time
 import torch
 from torch import distributions as td
 
+from tvae_core.allocator import keep_freed_memory
 from tvae_core.mmm import MixedMembershipConfig, fit_mixed_membership
+
+keep_freed_memory()   # as the book's training processes do (tvae_core.cli): no page faults per step
 
 D, N, T = 32, 1000, 10
 

@@ -17,11 +17,14 @@ import time
 
 import torch
 
+from tvae_core.allocator import keep_freed_memory
 from tvae_core.experiments import method_config
 from tvae_core.methods import compute_loss
 from tvae_core.pretrained import (DEFAULT_DECODER, DEFAULT_ENCODER, build_pretrained_model,
                                   load_pretrained_corpus, packaged_weights_available, pretrained_config)
 from tvae_core.profiles import get_profile
+
+keep_freed_memory()   # as the book's training processes do (tvae_core.cli): no page faults per step
 
 
 def peak_rss_gb() -> float:

@@ -38,11 +38,14 @@ from pathlib import Path
 import torch
 
 from bench_core import training_batches  # this script's folder is on sys.path
+from tvae_core.allocator import keep_freed_memory
 from tvae_core.data import load_corpus
 from tvae_core.experiments import method_config
 from tvae_core.methods import compute_loss
 from tvae_core.train import TrainingDiverged, _check_finite, _DeferredDiagnostics, _step_seed, build_model, \
     make_optimizer
+
+keep_freed_memory()   # as the book's training processes do (tvae_core.cli): no page faults per step
 
 HERE = Path(__file__).resolve().parent
 SENTENCES = 1_280  # per pass: 40 steps at batch 32, 10 at 128

@@ -27,11 +27,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tvae_core.allocator import keep_freed_memory  # noqa: E402
 from tvae_core.budget import budget_mmm_by_steps, budget_table, cached_budget_measures, load_budget_row  # noqa: E402
 from tvae_core.config import RunConfig  # noqa: E402
 from tvae_core.experiments import budget_study  # noqa: E402
 from tvae_core.profiles import PROFILE_NAMES, get_profile  # noqa: E402
 from tvae_core.runs import runs_dir  # noqa: E402
+
+keep_freed_memory()   # as the book's training processes do (tvae_core.cli): no page faults per step
 
 MMM_VERSION = 1  # bump when budget_mmm changes what it stores
 PRIORITY = {("mdr", 32.0): 0, ("fb", 32.0): 1, ("mdr", 8.0): 2, ("fb", 8.0): 3, ("vae", None): 4, ("ae", None): 5}

@@ -21,10 +21,13 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench_core import training_batches  # this script's folder is on sys.path
+from tvae_core.allocator import keep_freed_memory
 from tvae_core.data import load_corpus
 from tvae_core.experiments import method_config
 from tvae_core.methods import compute_loss
 from tvae_core.train import build_model, make_optimizer
+
+keep_freed_memory()   # as the book's training processes do (tvae_core.cli): no page faults per step
 
 
 def one_step(cfg, model, optimizer, batch, step, steps, read_diagnostics: bool):
