@@ -192,7 +192,7 @@ def main() -> None:
     rows.append(("train step, VAE (s)", step["VAE"], ""))
     rows.append(("train step, LM, same decoder (s)", step["LM"], ""))
     rows.append(("ratio VAE / LM", step["VAE"] / step["LM"], "target <= 1.4"))
-    head_dtype = get_profile(args.profile).training.lm_head_dtype
+    head_dtype = get_profile(args.profile).train.lm_head_dtype
     rows.append(("train step, VAE, float32 LM head (s)", step["VAE float32 head"], f"profile: {head_dtype}"))
     rows.append(("train step, LM, float32 LM head (s)", step["LM float32 head"], ""))
     rows.append(("ratio VAE / LM, float32 LM head", step["VAE float32 head"] / step["LM float32 head"], ""))

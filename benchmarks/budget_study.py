@@ -114,7 +114,7 @@ def write_table(profile: str, configs: dict[str, RunConfig], root: Path, output:
         f"# Training-budget study ({profile} profile)", "",
         f"Written by `benchmarks/budget_study.py --profile {profile}` (issue 18): {len(rows)} of "
         f"{len(configs)} runs measured. Machine: {machine_line()}.", "",
-        f"Settings: batch {any_cfg.train.batch_size}, budgets {p.training.budget_steps} optimiser steps "
+        f"Settings: batch {any_cfg.train.batch_size}, budgets {p.budget_steps} optimiser steps "
         f"(learning-rate warm-up {any_cfg.train.lr_warmup_steps} steps for every budget, then constant), "
         f"`lm_head_kernel=\"native\"`, `sync_every=50`, one thread per run, two runs at a time; "
         f"model hidden {any_cfg.model.hidden_size}, {any_cfg.model.num_layers} decoder / "
@@ -133,7 +133,7 @@ def write_table(profile: str, configs: dict[str, RunConfig], root: Path, output:
         "information about x). Train s: the run's training wall time in its process (and its steady-state "
         "seconds per step), two runs sharing the 2 cores.", "",
         budget_table(rows) if rows else "(no runs measured yet)\n",
-        *mmm_table(root, profile, p.training.budget_steps),
+        *mmm_table(root, profile, p.budget_steps),
     ]
     output.write_text("\n".join(text))
     return len(rows)

@@ -159,7 +159,7 @@ def main(argv=None) -> int:
         trained[name], rows[name] = train_and_time(cfg, root)
         report["runs"].append(rows[name])
     # evaluated below: the run trained as the profile trains
-    as_profile = "vae_bf16" if profile.training.mixed_precision == "bf16" else "vae"
+    as_profile = "vae_bf16" if profile.train.mixed_precision == "bf16" else "vae"
     mdr_run = trained[as_profile]
     vae_ms, lm_ms = rows["vae"]["ms_per_step"], rows["lm"]["ms_per_step"]
     if as_profile == "vae_bf16":
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
 
     runs = all_book_runs(profile)
     lm_runs = sum(cfg.objective.name == "lm" for cfg in runs.values())
-    steps = profile.training.max_steps
+    steps = profile.train.max_steps
     train_hours = ((len(runs) - lm_runs) * vae_ms + lm_runs * lm_ms) * steps / 1000 / 3600
     eval_hours = len(runs) * (iw["seconds"] + report["evaluate_run"]["seconds"]) / 3600
     report["grid"] = {"runs": len(runs), "steps": steps, "train_hours": train_hours, "eval_hours_upper": eval_hours}

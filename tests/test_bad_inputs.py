@@ -189,3 +189,24 @@ def test_the_console_script_is_the_cli_entry_point():
     project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
     module, function = project["project"]["scripts"]["tvae"].split(":")
     assert module == "tvae_core.cli" and getattr(cli, function) is cli.main
+
+
+def test_a_profile_is_run_config_overrides_and_a_bad_one_fails_naming_it():
+    from dataclasses import replace
+
+    from tvae_core.config import RunConfig
+    from tvae_core.profiles import get_profile
+
+    smoke = get_profile("smoke")
+    base = smoke.base_config(seed=3)
+    assert base.train.seed == 3 and base.model.latent_dim == smoke.model.latent_dim == 8
+    assert base.data.max_length == smoke.run["data"]["max_length"] and base.objective.name == "vae"
+    # fields the profile leaves alone are RunConfig's defaults, nothing mirrored
+    assert base.train.learning_rate == RunConfig().train.learning_rate
+    assert base.train.lr_warmup_steps == 3   # no warm-up given: a tenth of its 30 steps
+    with pytest.raises(ValueError, match=r"sections \['objective'\].*accepted values"):
+        replace(smoke, run={**smoke.run, "objective": {"name": "mdr"}})
+    with pytest.raises(TypeError, match="max_step"):
+        replace(smoke, run={**smoke.run, "train": {"max_step": 3}})
+    with pytest.raises(ValueError, match="train.batch_size"):
+        replace(smoke, run={**smoke.run, "train": {"batch_size": 0}})

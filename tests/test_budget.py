@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_budget_study_builds_one_distinct_run_per_method_and_budget():
     profile = get_profile("smoke")
     runs = budget_study("smoke")
-    budgets = profile.training.budget_steps
-    longest = profile.training.budget_longest
+    budgets = profile.budget_steps
+    longest = profile.budget_longest
     assert longest, "the smoke profile should exercise budget_longest"
     assert len(runs) == len(BUDGET_METHODS) * (len(budgets) - 1) + len(longest)
     assert {label for label in runs if label.endswith(f" @ {max(budgets)}")} == {f"{r} @ {max(budgets)}" for r in longest}
@@ -39,19 +39,19 @@ def test_budget_study_shares_the_book_profiles_own_budget_with_the_grid():
     """At the default profile's own budget the study's runs are the grid's (one cache entry each),
     so the study costs only its other budgets."""
     profile = get_profile("default")
-    assert profile.training.max_steps in profile.training.budget_steps
+    assert profile.train.max_steps in profile.budget_steps
     grid = thesis_grid("default")
     study = budget_study("default")
     for label in ("VAE", "AE", "FB 8", "FB 32", "MDR 8", "MDR 32"):
-        assert study[f"{label} @ {profile.training.max_steps}"].key == grid[label].key, label
+        assert study[f"{label} @ {profile.train.max_steps}"].key == grid[label].key, label
 
 
 def test_budget_study_refuses_an_unknown_longest_run():
     from dataclasses import replace
 
     smoke = get_profile("smoke")
-    bad = replace(smoke, training=replace(smoke.training, budget_longest=("FB 9",)))
-    with pytest.raises(ValueError, match="training.budget_longest"):
+    bad = replace(smoke, budget_longest=("FB 9",))
+    with pytest.raises(ValueError, match="Profile.budget_longest"):
         budget_study(bad)
 
 
@@ -126,7 +126,7 @@ def test_budget_table_orders_rows_and_prints_values_at_their_limits_as_bounds():
 def test_budget_study_script_writes_the_table_in_the_smoke_profile(tmp_path):
     """The script end to end on the smoke profile's shortest budget (6 runs, two at a time)."""
     output = tmp_path / "budget.md"
-    budget = get_profile("smoke").training.budget_steps[0]
+    budget = get_profile("smoke").budget_steps[0]
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "budget_study.py"), "--profile", "smoke",
          "--max-steps", str(budget), "--runs-dir", str(tmp_path / "runs"), "--output", str(output)],

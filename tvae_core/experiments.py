@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from .config import DataConfig, ModelConfig, ObjectiveConfig, RunConfig, TrainConfig
+from .config import RunConfig
 from .methods import get_method
 from .profiles import Profile, get_profile
 
@@ -25,27 +25,13 @@ THESIS_MDR = {"mdr_lambda_init": math.log(2.0), "mdr_lr": 5e-5, "mdr_optimizer":
 
 def warmup_steps(profile: str | Profile) -> int:
     """The profile's learning-rate warm-up (steps): its own, else a tenth of its budget, at most 100."""
-    t = (get_profile(profile) if isinstance(profile, str) else profile).training
-    return t.lr_warmup_steps if t.lr_warmup_steps is not None else min(100, max(1, t.max_steps // 10))
+    return (get_profile(profile) if isinstance(profile, str) else profile).train.lr_warmup_steps
 
 
 def base_config(profile: str | Profile, seed: int = 0) -> RunConfig:
-    """The profile's data, model and training settings with the plain VAE objective."""
-    p = get_profile(profile) if isinstance(profile, str) else profile
-    t, m = p.training, p.model
-    return RunConfig(
-        data=DataConfig(vocab_size=m.vocab_size, max_length=t.max_length,
-                        max_train_sentences=t.max_train_sentences, max_eval_sentences=t.max_eval_sentences,
-                        max_test_sentences=t.max_test_sentences),
-        model=ModelConfig(hidden_size=m.hidden_size, num_layers=m.num_layers, encoder_layers=m.encoder_layers,
-                          num_heads=m.num_heads, latent_dim=m.latent_dim),
-        objective=ObjectiveConfig(name="vae"),
-        train=TrainConfig(max_steps=t.max_steps, batch_size=t.batch_size, eval_every=t.eval_every,
-                          checkpoint_every=t.checkpoint_every, seed=seed, lm_head_dtype=t.lm_head_dtype,
-                          mixed_precision=t.mixed_precision, sync_every=t.sync_every,
-                          lm_head_kernel=t.lm_head_kernel, lr_warmup_steps=warmup_steps(p)),
-        label="VAE",
-    )
+    """The profile's data, model and training settings with the plain VAE objective
+    (:meth:`tvae_core.profiles.Profile.base_config`)."""
+    return (get_profile(profile) if isinstance(profile, str) else profile).base_config(seed)
 
 
 def method_config(method: str, profile: str | Profile, target_rate: float | None = None, seed: int = 0,
@@ -119,9 +105,9 @@ BUDGET_METHODS = (("VAE", None), ("AE", None), ("FB", 8.0), ("FB", 32.0), ("MDR"
 
 
 def budget_study(profile: str | Profile, seed: int = 0) -> dict[str, RunConfig]:
-    """VAE, AE, FB 8, FB 32, MDR 8 and MDR 32 at every budget of ``training.budget_steps``
+    """VAE, AE, FB 8, FB 32, MDR 8 and MDR 32 at every budget of ``Profile.budget_steps``
     (label -> config, e.g. "MDR 32 @ 3000"; the method, target and budget stay in the config);
-    at the longest budget only the runs named in ``training.budget_longest`` (all when empty).
+    at the longest budget only the runs named in ``Profile.budget_longest`` (all when empty).
 
     Every budget uses the same warm-up, at most a tenth of the smallest budget: the learning rate
     is then the same function of the step for all budgets (constant after warm-up) and batches and
@@ -130,12 +116,12 @@ def budget_study(profile: str | Profile, seed: int = 0) -> dict[str, RunConfig]:
     budgets per method), and the one at the profile's own budget is the grid's run (same key).
     """
     p = get_profile(profile) if isinstance(profile, str) else profile
-    budgets = p.training.budget_steps
+    budgets = p.budget_steps
     warmup = min(warmup_steps(p), max(1, min(budgets) // 10))
-    longest = set(p.training.budget_longest)
+    longest = set(p.budget_longest)
     unknown = longest - {method_config(m, p, t, seed).label for m, t in BUDGET_METHODS}
     if unknown:
-        raise ValueError(f"training.budget_longest={sorted(unknown)} names runs the study does not have; "
+        raise ValueError(f"Profile.budget_longest={sorted(unknown)} names runs the study does not have; "
                          f"accepted labels: {[method_config(m, p, t, seed).label for m, t in BUDGET_METHODS]}")
     runs: dict[str, RunConfig] = {}
     for steps in budgets:

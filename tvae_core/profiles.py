@@ -2,46 +2,21 @@
 ``full`` (thesis scale, GPU).
 
 Every size-dependent setting of every notebook lives here, grouped by concern, so notebooks only
-take ``profile`` as a parameter and look the rest up with :func:`get_profile`.
+take ``profile`` as a parameter and look the rest up with :func:`get_profile`. A profile's runs
+are :class:`~tvae_core.config.RunConfig`'s defaults with the profile's overrides
+(:attr:`Profile.run`, the same sections and field names, nothing mirrored); beside them the
+sizes of the estimators, the exact linear-Gaussian models, the mixed membership fits, the
+pretrained study, the target rates and the training budgets of the budget study.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
+
+from .config import ObjectiveConfig, RunConfig
 
 PROFILE_NAMES = ("smoke", "default", "full")
-
-
-@dataclass(frozen=True)
-class TrainingSize:
-    max_steps: int            # optimiser steps per run
-    batch_size: int
-    eval_every: int           # validation (rate, distortion, active units) every N steps
-    checkpoint_every: int     # resumable checkpoint every N steps
-    max_train_sentences: int | None  # None = the whole training split
-    max_eval_sentences: int | None   # validation sentences for monitoring during training
-    max_test_sentences: int | None   # test sentences for every held-out estimator; None = all
-    max_length: int = 64      # tokens, as in the thesis
-    lm_head_dtype: str = "float32"  # the blocked LM head's matmuls in training (TrainConfig.lm_head_dtype)
-    mixed_precision: str = "no"  # Accelerate's autocast in training (TrainConfig.mixed_precision)
-    sync_every: int = 1          # host reads of the diagnostics every N steps (TrainConfig.sync_every)
-    lm_head_kernel: str = "torch"  # the LM head's training kernel (TrainConfig.lm_head_kernel)
-    lr_warmup_steps: int | None = None  # linear warm-up, then a constant rate; None: max_steps // 10, at most 100
-    # the training budgets (optimiser steps) of the budget study (experiments.budget_study), one
-    # cached run each; the study costs their sum per method
-    budget_steps: tuple[int, ...] = (600, 1500, 3000, 6000)
-    # the study's runs trained to its longest budget (labels of experiments.BUDGET_METHODS, e.g.
-    # "MDR 32"); empty: every one
-    budget_longest: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class ModelSize:
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    encoder_layers: int | None = None  # the encoder's depth when it differs from the decoder's (num_layers)
-    latent_dim: int = 32      # the thesis uses 32 throughout (targets are 0.125..1 nat per dim)
-    vocab_size: int = 10_000  # word-level PTB vocabulary (the text-VAE literature's setting)
 
 
 @dataclass(frozen=True)
@@ -94,26 +69,67 @@ class PretrainedStudySize:
     latent_dim: int
 
 
+RUN_SECTIONS = ("data", "model", "train")   # what a profile sets; the objective is each run's own
+
+
 @dataclass(frozen=True)
 class Profile:
     name: str
-    training: TrainingSize
-    model: ModelSize
+    # overrides of RunConfig's defaults, by section: {"data": {...}, "model": {...}, "train": {...}};
+    # without train.lr_warmup_steps the warm-up is a tenth of max_steps, at most 100 steps
+    run: Mapping[str, Mapping[str, Any]]
     estimators: EstimatorSize
     exact_vae: ExactVAESize
     mmm: MixedMembershipSize
     pretrained: PretrainedStudySize
     target_rates: tuple[float, ...] = field(default=(4.0, 8.0, 16.0, 24.0, 32.0))
+    # the training budgets (optimiser steps) of the budget study (experiments.budget_study), one
+    # cached run each; the study costs their sum per method
+    budget_steps: tuple[int, ...] = (600, 1500, 3000, 6000)
+    # the study's runs trained to its longest budget (labels of experiments.BUDGET_METHODS, e.g.
+    # "MDR 32"); empty: every one
+    budget_longest: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        unknown = set(self.run) - set(RUN_SECTIONS)
+        if unknown:
+            raise ValueError(f"Profile.run sections {sorted(unknown)} are not accepted; accepted values: {RUN_SECTIONS}")
+        self.base_config()   # a misspelt field or a bad value fails here, naming it
+
+    def base_config(self, seed: int = 0) -> RunConfig:
+        """The profile's data, model and training settings with the plain VAE objective."""
+        train = dict(self.run.get("train", {}))
+        if "lr_warmup_steps" not in train:
+            steps = train.get("max_steps", RunConfig().train.max_steps)
+            train["lr_warmup_steps"] = min(100, max(1, steps // 10))
+        return RunConfig(objective=ObjectiveConfig(name="vae"), label="VAE").replace(
+            data=dict(self.run.get("data", {})), model=dict(self.run.get("model", {})), train={**train, "seed": seed})
+
+    @property
+    def data(self):
+        """The :class:`~tvae_core.config.DataConfig` of the profile's runs."""
+        return self.base_config().data
+
+    @property
+    def model(self):
+        """The :class:`~tvae_core.config.ModelConfig` of the profile's runs (from scratch)."""
+        return self.base_config().model
+
+    @property
+    def train(self):
+        """The :class:`~tvae_core.config.TrainConfig` of the profile's runs (seed 0)."""
+        return self.base_config().train
 
 
 PROFILES: dict[str, Profile] = {
     "smoke": Profile(
         name="smoke",
-        training=TrainingSize(max_steps=30, batch_size=16, eval_every=15, checkpoint_every=15,
-                              max_train_sentences=512, max_eval_sentences=64, max_test_sentences=64,
-                              max_length=32, lm_head_dtype="bfloat16", budget_steps=(10, 20, 30),
-                              budget_longest=("FB 32", "MDR 32")),
-        model=ModelSize(hidden_size=32, num_layers=1, num_heads=2, latent_dim=8, vocab_size=2_000),
+        run={"data": {"vocab_size": 2_000, "max_length": 32, "max_train_sentences": 512, "max_eval_sentences": 64,
+                      "max_test_sentences": 64},
+             "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "latent_dim": 8},
+             "train": {"max_steps": 30, "batch_size": 16, "eval_every": 15, "checkpoint_every": 15,
+                       "lm_head_dtype": "bfloat16"}},
+        budget_steps=(10, 20, 30), budget_longest=("FB 32", "MDR 32"),
         estimators=EstimatorSize(iw_num_samples=8, iw_max_sentences=32,
                                  mmd_num_samples=64, mmd_permutations=50),
         exact_vae=ExactVAESize(num_points_ladder=(16, 64, 256), num_samples_ladder=(1, 4, 16),
@@ -130,15 +146,17 @@ PROFILES: dict[str, Profile] = {
         # diagnostics read every 50 steps make a step ~0.06 s on one thread (two runs share the 2
         # cores); validation every 250 steps. The warm-up is the 600-step budget's, so every budget
         # of the study and the book's grid follow the same learning-rate curve and share runs.
-        training=TrainingSize(max_steps=1500, batch_size=32, eval_every=250, checkpoint_every=500,
-                              max_train_sentences=None, max_eval_sentences=1000,
-                              max_test_sentences=None, lm_head_dtype="bfloat16", lm_head_kernel="native",
-                              sync_every=50, lr_warmup_steps=60, budget_steps=(600, 1500, 3000),
-                              budget_longest=("FB 32", "MDR 32")),
-        # a 1-layer encoder: as deep as the decoder it costs what the decoder's transformer body
+        # A 1-layer encoder: as deep as the decoder it costs what the decoder's transformer body
         # costs, the VAE step well over the LM's (benchmarks/README.md); the inference network needs
-        # no more for the rates this book asks of it
-        model=ModelSize(hidden_size=64, num_layers=2, num_heads=2, encoder_layers=1),
+        # no more for the rates this book asks of it. Latent dimension 32 as in the thesis
+        # throughout (targets are 0.125..1 nat per dimension); the word-level 10k PTB vocabulary.
+        run={"data": {"vocab_size": 10_000, "max_length": 64, "max_train_sentences": None,
+                      "max_eval_sentences": 1000, "max_test_sentences": None},
+             "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "encoder_layers": 1, "latent_dim": 32},
+             "train": {"max_steps": 1500, "batch_size": 32, "eval_every": 250, "checkpoint_every": 500,
+                       "lm_head_dtype": "bfloat16", "lm_head_kernel": "native", "sync_every": 50,
+                       "lr_warmup_steps": 60}},
+        budget_steps=(600, 1500, 3000), budget_longest=("FB 32", "MDR 32"),
         # IW with K = 500 on the first 100 test sentences per run (a run's whole evaluation: 20-24 s
         # on one busy thread; the whole split is timed by `make bench`); everything else uses the
         # whole test split
@@ -159,10 +177,11 @@ PROFILES: dict[str, Profile] = {
         # bfloat16 autocast adds a cast per matmul, so on a GPU it trained slower, not faster
         # (`make gpu-check` times both side by side; benchmarks/README.md). Diagnostics are read
         # back every 100 steps, so the host never waits on the GPU's queue inside a step
-        training=TrainingSize(max_steps=60_000, batch_size=32, eval_every=2_000,
-                              checkpoint_every=2_000, max_train_sentences=None,
-                              max_eval_sentences=None, max_test_sentences=None, sync_every=100),
-        model=ModelSize(hidden_size=768, num_layers=12, num_heads=12, vocab_size=10_000),
+        run={"data": {"vocab_size": 10_000, "max_length": 64, "max_train_sentences": None,
+                      "max_eval_sentences": None, "max_test_sentences": None},
+             "model": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "latent_dim": 32},
+             "train": {"max_steps": 60_000, "batch_size": 32, "eval_every": 2_000, "checkpoint_every": 2_000,
+                       "sync_every": 100}},
         estimators=EstimatorSize(iw_num_samples=500, iw_max_sentences=None,
                                  mmd_num_samples=3000,
                                  mmd_permutations=1000, decoder_dtype="bfloat16"),
