@@ -188,6 +188,8 @@ def test_the_knobs_a_course_turns_are_parameters(path):
     assert {"seed", "runs_dir"} <= set(params), path.name
     if path in TARGET_NOTEBOOKS:
         assert params["target_rates"]["inferred_type_name"] == "list[float]"
+    if path.name.startswith("02_"):   # the page that compares the targeted methods takes them as a knob
+        assert params["methods"]["inferred_type_name"] == "list[str]"
     source = path.read_text()
     assert "train_or_load(" in source and source.count("runs_root") >= 2, \
         f"{path.name}: every train_or_load call must take the runs_dir parameter"
@@ -206,6 +208,25 @@ def test_target_rates_parameter_replaces_the_profiles_and_accepts_papermill_text
         apply_target_rates(get_profile("smoke"), [0])
     with pytest.raises(TypeError, match="target_rates"):
         check_parameters({**namespace, "target_rates": "[2, "})
+
+
+def test_methods_parameter_selects_registered_targeted_methods_and_keeps_the_compared_ones():
+    from tvae_core.experiments import TARGETED_METHODS, thesis_grid
+    from tvae_core.notebook import check_parameters, targeted_methods
+
+    assert targeted_methods([]) == TARGETED_METHODS == ("FB", "MDR", "CYC-FB")
+    assert targeted_methods(["mdr", "FB", "MDR"]) == ("MDR", "FB")   # names or labels, each once
+    namespace = {"__annotations__": {"methods": list[str]}, "methods": "['FB', 'MDR']"}   # papermill text
+    assert targeted_methods(check_parameters(namespace)["methods"]) == ("FB", "MDR")
+    grid = thesis_grid("smoke", targeted_methods=("FB", "MDR"))
+    assert [label for label in grid if label.startswith("CYC-FB")] == []
+    assert {cfg.objective.name for cfg in grid.values()} == {"vae", "ae", "cyc", "fb", "mdr"}
+    with pytest.raises(ValueError, match=r"methods=.*'VAE' is not accepted.*take a target rate"):
+        targeted_methods(["FB", "MDR", "VAE"])
+    with pytest.raises(ValueError, match=r"methods=.*'nope' is not accepted"):
+        targeted_methods(["FB", "MDR", "nope"])
+    with pytest.raises(ValueError, match=r"methods=\['FB'\] lacks \['MDR'\]"):
+        targeted_methods(["FB"])
 
 
 def test_make_execute_params_are_parsed_and_given_to_the_notebooks_that_declare_them():
@@ -327,3 +348,15 @@ def test_committed_pages_store_no_build_machine_path(path):
     text = path.read_text()
     match = re.search(r"/(?:work|tmp|root|home|Users)/[\w.-]+/", text)
     assert match is None, f"{path.name} stores {match.group(0)!r}"
+
+
+def test_the_stamp_names_the_processor_model_whose_bfloat16_path_moves_last_digits():
+    import os
+    import platform
+
+    from tvae_core.book import machine_description
+
+    text = machine_description()
+    assert text.startswith(platform.machine()) and text.endswith(f"{os.cpu_count()} CPU cores")
+    if os.path.exists("/proc/cpuinfo") and "model name" in open("/proc/cpuinfo").read():
+        assert len(text.split(", ")) == 3, text

@@ -76,12 +76,26 @@ def execute_notebook(source: Path, output: Path, profile: str, kernel: str | Non
     nb.metadata["tvae_provenance"] = {
         "profile": profile, "parameters": nb.metadata.get("papermill", {}).get("parameters", parameters),
         "seconds": round(seconds, 1), "executed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": package_versions(), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+        "versions": package_versions(), "machine": machine_description(),
         "compute": compute_paths(),
     }
     nbformat.write(nb, str(tmp))
     os.replace(tmp, output)
     return seconds
+
+
+def machine_description() -> str:
+    """Architecture, processor model and core count. The model matters: the bfloat16 matmuls of
+    training and evaluation take another path on a CPU with AMX (recent Intel Xeon) than on one
+    with AVX-512 only (e.g. AMD EPYC), so the same run's numbers differ in their last digits
+    between the two, while torch's CPU capability reads AVX512 on both."""
+    model = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return ", ".join(part for part in (platform.machine(), model, f"{os.cpu_count()} CPU cores") if part)
 
 
 def relative_paths(nb, root: Path):
