@@ -8,8 +8,8 @@ mixed-membership heatmaps). Every figure function takes an ``ax`` (made with
 :func:`new_figure` when None) and returns it.
 """
 from .bounds import plot_bound_decomposition, plot_estimator_comparison, plot_estimator_convergence
-from .training import (method_of_label, plot_achieved_vs_target, plot_elbo_vs_rate, plot_kl_per_dimension, plot_multiplier_trajectories, plot_rate_against_target, plot_rate_distortion_plane, plot_run_dots, plot_training_curves, run_styles, shades, smooth)  # noqa: E501
-from .latent import (method_of, plot_elbo_landscape, plot_kl_decomposition_by_run, plot_latent_histogram, plot_latent_histograms, plot_mi_bounds_by_run, plot_mixing_weights, plot_terms_along_path, plot_versus_rate)  # noqa: E501
+from .training import (plot_achieved_vs_target, plot_elbo_vs_rate, plot_kl_per_dimension, plot_multiplier_trajectories, plot_rate_against_target, plot_rate_distortion_plane, plot_run_dots, plot_training_curves, run_styles, shades, smooth)  # noqa: E501
+from .latent import (plot_elbo_landscape, plot_kl_decomposition_by_run, plot_latent_histogram, plot_latent_histograms, plot_mi_bounds_by_run, plot_mixing_weights, plot_terms_along_path, plot_versus_rate)  # noqa: E501
 from .style import (
     COLUMN_WIDTH,
     ESTIMATOR_COLOURS,

@@ -9,6 +9,10 @@
 * the exact ELBO landscape of a linear-Gaussian VAE along a pathological direction (slide 38).
 
 Every function takes an ``ax`` (or ``axes``) and makes one with :func:`.new_figure` when None.
+Functions that colour runs by method take ``methods`` (label -> the run, its ``RunConfig`` or its
+method; see :func:`.training.run_styles`): a run's method is data, never parsed from its label.
+The mixed membership model's prior groups (``"prior"``, ``"prior (calibration)"``) are no method
+and have a colour of their own.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from matplotlib.collections import LineCollection
 
 from .style import (METHOD_COLOURS, METHOD_MARKERS, OKABE_ITO, TERM_COLOURS, TERM_LABELS, finish_axes,
                     new_figure, symlog_axis)
-from .training import method_of_label
+from .training import _method_of_run
 
 WEIGHT_COLOUR_MAP = "mako_r"       # mixing weights in [0, 1]: light = 0, dark = 1
 LANDSCAPE_COLOUR_MAP = "viridis"   # ELBO contours
@@ -29,18 +33,26 @@ PRIOR_LINE = dict(color=METHOD_COLOURS["prior"], lw=1.5, ls="--")
 _LINE_MARKERS = ("x", "+", "|", "_", "1", "2", "3", "4")
 
 
-def method_of(label: str) -> str:
-    """The method of a run or group label (:func:`.training.method_of_label`), with the prior
-    groups of the mixed membership model added: ``"prior (calibration)"`` -> ``"prior"``."""
-    return "prior" if label.startswith("prior") else method_of_label(label)
+def _series_method(label: str, methods: Mapping[str, object] | None) -> str:
+    """The method label of a run (:func:`.training.run_styles`' rule; ValueError for a label that
+    names no method and is not in ``methods``), or ``"prior"`` for the mixed membership model's
+    prior groups (``"prior"``, ``"prior (calibration)"``)."""
+    return "prior" if label.startswith("prior") else _method_of_run(label, methods).label
 
 
-def _colour(label: str, index: int = 0) -> str:
-    return METHOD_COLOURS.get(method_of(label), OKABE_ITO[index % len(OKABE_ITO)])
+def _colour(label: str, methods: Mapping[str, object] | None) -> str:
+    return METHOD_COLOURS[_series_method(label, methods)]
 
 
-def _marker(label: str) -> str:
-    return METHOD_MARKERS.get(method_of(label), "o")
+def _marker(label: str, methods: Mapping[str, object] | None) -> str:
+    return METHOD_MARKERS[_series_method(label, methods)]
+
+
+def _colour_tick_labels(ticks, methods: Mapping[str, object] | None) -> None:
+    # run names on an axis in their method's colour, when the runs' methods are given
+    if methods is not None:
+        for tick in ticks:
+            tick.set_color(_colour(tick.get_text(), methods))
 
 
 def _normal_density(grid: np.ndarray, loc: float, scale: float) -> np.ndarray:
@@ -90,7 +102,8 @@ def plot_latent_histogram(samples, loc=None, scale=None, ax=None, num_posteriors
 
 def plot_latent_histograms(latents: Mapping[str, tuple], dims: Mapping[str, Sequence[int]] | Sequence[int],
                            axes=None, num_posteriors: int = 4, bins: int = 40,
-                           xlim: tuple[float, float] | None = None, seed: int = 0):
+                           xlim: tuple[float, float] | None = None, seed: int = 0,
+                           methods: Mapping[str, object] | None = None):
     """A grid of :func:`plot_latent_histogram`: one row per run, one column per latent dimension.
 
     ``latents``: ``{label: (samples [N, D], loc [N, D], scale [N, D])}`` (numpy or torch).
@@ -98,8 +111,9 @@ def plot_latent_histograms(latents: Mapping[str, tuple], dims: Mapping[str, Sequ
     run's dimensions of highest KL); every row must have the same number. ``xlim``: the same
     range for every panel, or None for one symmetric range per run that covers the prior's
     [-4, 4] and 99.5% of the run's samples on the drawn dimensions (an autoencoder's codes can
-    lie far outside the prior's range). Returns the ``axes`` array ``[runs, dims]``; the figure
-    is ``axes[0, 0].figure``.
+    lie far outside the prior's range). Each row has its run's method colour (``methods``: label ->
+    the run, its config or method). Returns the ``axes`` array ``[runs, dims]``; the figure is
+    ``axes[0, 0].figure``.
     """
     labels = list(latents)
     per_run = {label: list(dims[label] if isinstance(dims, Mapping) else dims) for label in labels}
@@ -120,7 +134,7 @@ def plot_latent_histograms(latents: Mapping[str, tuple], dims: Mapping[str, Sequ
         for col, d in enumerate(per_run[label]):
             ax = axes[row, col]
             plot_latent_histogram(samples[:, d], loc[:, d], scale[:, d], ax=ax,
-                                  num_posteriors=num_posteriors, colour=_colour(label, row), bins=bins,
+                                  num_posteriors=num_posteriors, colour=_colour(label, methods), bins=bins,
                                   title=f"$z_{{{d}}}$", xlim=row_xlim, seed=seed + 1000 * row + d)
             ax.tick_params(labelsize=7)
             if col == 0:
@@ -160,9 +174,11 @@ def plot_mixing_weights(weights, group_names: Sequence[str], ax=None, title: str
 def plot_versus_rate(rates, values, labels: Sequence[str], ax=None, errors=None, ylabel: str = "nats",
                      title: str | None = None, floor: tuple[float, float] | None = None,
                      diagonal: bool = False, legend: bool = True, symlog: bool = False,
-                     hollow: Sequence[bool] | None = None, ranges=None, linthresh: float = 10.0):
+                     hollow: Sequence[bool] | None = None, ranges=None, linthresh: float = 10.0,
+                     methods: Mapping[str, object] | None = None):
     """One point per run or group at ``(rate, value)``, coloured and marked by method (after thesis
-    slide 35). ``labels`` name the runs ("FB 16", "prior", ...; the method is read from them).
+    slide 35). ``labels`` name the runs ("FB 16", "prior", ...); ``methods``: label -> the run, its
+    config or method (a label that is itself a registry label, "VAE", or a prior group needs none).
 
     ``errors``: optional standard errors, drawn as vertical bars. ``floor``: ``(value, se)`` of a
     calibration group, drawn as a grey band (what the estimator reports when the truth is 0).
@@ -194,14 +210,14 @@ def plot_versus_rate(rates, values, labels: Sequence[str], ax=None, errors=None,
     for i, label in enumerate(labels):
         if not (np.isfinite(rates[i]) and np.isfinite(values[i])):
             continue
-        method = method_of(label)
-        colour = _colour(label, i)
+        method = _series_method(label, methods)
+        colour = METHOD_COLOURS[method]
         if errors is not None and np.isfinite(errors[i]):
             ax.errorbar(rates[i], values[i], yerr=2 * errors[i], color=colour, lw=1, capsize=2, zorder=2)
         if ranges is not None and np.isfinite(ranges[i]).all():
             ax.plot([rates[i], rates[i]], ranges[i], color=colour, lw=2.5, alpha=0.5, zorder=2,
                     solid_capstyle="butt")
-        marker = _marker(label)
+        marker = METHOD_MARKERS[method]
         if marker in _LINE_MARKERS:             # unfilled by nature: colour the lines
             style = dict(color=colour)
         else:
@@ -227,7 +243,8 @@ def plot_versus_rate(rates, values, labels: Sequence[str], ax=None, errors=None,
 # ------------------------------------------------------------------------------ per-run summaries
 def plot_mi_bounds_by_run(decompositions: Mapping[str, object], ax=None, ceiling: float | None = None,
                           legend: bool = True, title: str | None = None,
-                          xlim: tuple[float, float] | None = None):
+                          xlim: tuple[float, float] | None = None,
+                          methods: Mapping[str, object] | None = None):
     """The MI bounds of many runs on one number line each: ticks at H - D, I_q and R, the lower gap
     (H - D to I_q) and the upper gap (I_q to R, the marginal KL) as bars between them.
 
@@ -236,6 +253,7 @@ def plot_mi_bounds_by_run(decompositions: Mapping[str, object], ax=None, ceiling
     is an estimate capped at its ceiling) is drawn hatched. ``ceiling``: the estimator's MI
     ceiling (e.g. log N), a dashed vertical line. ``xlim``: the range shown; a run whose rate lies
     beyond it is cut at the edge and its rate written there (one outlier would squeeze the rest).
+    ``methods`` (label -> the run, its config or method): run names in their method's colour.
     """
     labels = list(decompositions)
     if ax is None:
@@ -264,6 +282,7 @@ def plot_mi_bounds_by_run(decompositions: Mapping[str, object], ax=None, ceiling
     if xlim is not None:
         ax.set_xlim(xlim)
     ax.set_yticks(range(len(labels)), list(reversed(labels)), fontsize=8)
+    _colour_tick_labels(ax.get_yticklabels(), methods)
     ax.set_xlabel("nats")
     if title:
         ax.set_title(title)
@@ -276,10 +295,12 @@ def plot_mi_bounds_by_run(decompositions: Mapping[str, object], ax=None, ceiling
 
 def plot_kl_decomposition_by_run(labels: Sequence[str], total_correlation, dimensionwise_kl, ax=None,
                                  marginal_kl=None, title: str | None = None, legend: bool = True,
-                                 symlog: bool = False, linthresh: float = 10.0):
+                                 symlog: bool = False, linthresh: float = 10.0,
+                                 methods: Mapping[str, object] | None = None):
     """Total correlation and dimension-wise KL per run, side by side (and the marginal KL they
     add up to, Chen et al. 2018), as grouped horizontal bars; estimates may be negative.
-    ``symlog``: symmetric-log x axis, linear within ``linthresh`` nats of 0."""
+    ``symlog``: symmetric-log x axis, linear within ``linthresh`` nats of 0. ``methods`` (label ->
+    the run, its config or method): run names in their method's colour."""
     series = {"total correlation": np.asarray(total_correlation, dtype=float),
               "dimension-wise KL": np.asarray(dimensionwise_kl, dtype=float)}
     if marginal_kl is not None:
@@ -297,6 +318,7 @@ def plot_kl_decomposition_by_run(labels: Sequence[str], total_correlation, dimen
     if symlog:
         symlog_axis(ax, "x", linthresh)
     ax.set_yticks(np.arange(len(labels))[::-1], list(labels), fontsize=8)
+    _colour_tick_labels(ax.get_yticklabels(), methods)
     ax.set_xlabel("nats")
     if title:
         ax.set_title(title)

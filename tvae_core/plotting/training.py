@@ -2,10 +2,13 @@
 MDR multiplier trajectories, KL per latent dimension and per-run dot plots.
 
 Runs are identified by their label (``"VAE"``, ``"FB 16"``, ``"CYC-FB 4 (total)"``,
-``"VAE, word dropout 1"``); :func:`method_of_label` maps a label to its method, whose colour
-(:data:`~.style.METHOD_COLOURS`) and marker are used everywhere. Several runs of one method (the
-target rates of FB, or word-dropout variants of the VAE) get shades of that colour, light for
-low targets and dark for high ones (:func:`run_styles`).
+``"VAE, word dropout 1"``), but a label is never parsed: each run's method comes as data, from
+``methods`` (label -> the run, its ``RunConfig`` or its method; :func:`tvae_core.methods.method_of`)
+or a table's ``method`` column, and only a label that is itself a registry label or name
+(``"VAE"``, ``"mdr"``) needs neither. The method's colour (:data:`~.style.METHOD_COLOURS`) and
+marker are used everywhere. Several runs of one method (the target rates of FB, or word-dropout
+variants of the VAE) get shades of that colour, light for low targets and dark for high ones
+(:func:`run_styles`).
 
 Tables of runs are ``pandas.DataFrame`` objects with one row per run and the columns named
 below (``method``, ``rate``, ``distortion``, ``target_rate`` ...); histories are the
@@ -13,7 +16,6 @@ below (``method``, ``rate``, ``distortion``, ``target_rate`` ...); histories are
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -21,28 +23,36 @@ from matplotlib.colors import to_hex, to_rgb
 from matplotlib.ticker import MaxNLocator
 
 from ..analysis import smooth
-from ..methods import method_of
+from ..methods import Method, get_method, method_of
 from .style import METHOD_COLOURS, METHOD_MARKERS, finish_axes, new_figure
 
 __all__ = [
-    "method_of_label", "shades", "run_styles", "smooth", "plot_training_curves",
+    "shades", "run_styles", "smooth", "plot_training_curves",
     "plot_rate_distortion_plane", "plot_elbo_vs_rate", "plot_achieved_vs_target",
     "plot_multiplier_trajectories", "plot_rate_against_target", "plot_kl_per_dimension",
     "plot_run_dots",
 ]
 
-_METHOD_PATTERN = re.compile(r"^(CYC-FB|VAE|AE|CYC|FB|MDR|LM)\b")
-_NEUTRAL = "#555555"
+
+# ------------------------------------------------------------------------------ methods and colours
+def _method_of_run(label: str, methods: Mapping[str, object] | None) -> Method:
+    """The method of the run called ``label``: ``method_of(methods[label])`` when ``methods`` has
+    the label, else the registry entry the label itself names exactly (``"VAE"``, ``"mdr"``);
+    ValueError otherwise (a label is never parsed)."""
+    if methods is not None and label in methods:
+        return method_of(methods[label])
+    try:
+        return get_method(label)
+    except ValueError:
+        raise ValueError(f"run label {label!r} names no method: pass methods={{label: its run, config or method}}") from None
 
 
-# ------------------------------------------------------------------------------ labels and colours
-def method_of_label(label: str) -> str:
-    """The method of a run label: ``"FB 16 (total)"`` -> ``"FB"``, ``"VAE, word dropout 1"`` -> ``"VAE"``.
-
-    Labels that name no method of :data:`METHOD_COLOURS` are returned unchanged.
-    """
-    match = _METHOD_PATTERN.match(label)
-    return match.group(1) if match else label
+def _table_methods(table, methods: Mapping[str, object] | None) -> dict[str, object]:
+    """Label -> method of every row of a run table: its ``method`` column when it has one (a
+    registry label, name or entry per row), else ``methods``."""
+    if "method" in table:
+        return table["method"].to_dict()
+    return {label: _method_of_run(label, methods) for label in table.index}
 
 
 def shades(colour: str, n: int, lightest: float = 0.45, darkest: float = 0.4) -> list[str]:
@@ -67,23 +77,25 @@ def run_styles(labels: Sequence[str], colours: Mapping[str, str] | None = None,
                methods: Mapping[str, object] | None = None) -> dict[str, dict]:
     """Line/marker style per run label: the method's colour (shaded when a method has several
     runs, in the order given) and marker. ``colours`` overrides the colour of given labels.
-    ``methods``: label -> the run's method as data (a ``RunConfig``, a ``Run``, a registry entry,
-    name or label; :func:`tvae_core.methods.method_of`); labels not in it fall back to
-    :func:`method_of_label`.
+    ``methods``: label -> the run's method as data (a ``Run``, a ``RunConfig``, a registry entry,
+    name or label; :func:`tvae_core.methods.method_of`). A label not in ``methods`` must itself be
+    a registry label or name (``"VAE"``, ``"AE"``, ``"mdr"``); any other raises ValueError naming
+    it (labels are never parsed: ``"FB 16"`` needs ``methods``).
 
-    Returns ``{label: {"color": ..., "marker": ..., "method": ...}}``.
+    Returns ``{label: {"color": ..., "marker": ..., "method": ...}}`` (``method``: the registry label).
     """
     labels = list(labels)
-    methods = methods or {}
     by_method: dict[str, list[str]] = {}
+    entries: dict[str, Method] = {}
     for label in labels:
-        method = method_of(methods[label]).label if label in methods else method_of_label(label)
-        by_method.setdefault(method, []).append(label)
+        method = _method_of_run(label, methods)
+        entries[method.label] = method
+        by_method.setdefault(method.label, []).append(label)
     styles = {}
-    for method, members in by_method.items():
-        base = METHOD_COLOURS.get(method, _NEUTRAL)
-        for label, colour in zip(members, shades(base, len(members))):
-            styles[label] = {"color": colour, "marker": METHOD_MARKERS.get(method, "o"), "method": method}
+    for name, members in by_method.items():
+        method = entries[name]
+        for label, colour in zip(members, shades(method.colour, len(members))):
+            styles[label] = {"color": colour, "marker": method.marker, "method": name}
     for label, colour in (colours or {}).items():
         if label in styles:
             styles[label]["color"] = colour
@@ -151,10 +163,10 @@ def _annotate_targets(ax, table, x: str, y: str, styles: Mapping[str, dict]) -> 
                     fontsize=8, color=styles[label]["color"])
 
 
-def _scatter_runs(ax, table, x: str, y: str, colours, marker_size: float) -> dict[str, dict]:
-    # a table with a ``method`` column (label -> registry label) carries each run's method as data
-    methods = table["method"].to_dict() if "method" in table else None
-    styles = run_styles(list(table.index), colours, methods)
+def _scatter_runs(ax, table, x: str, y: str, colours, marker_size: float,
+                  methods: Mapping[str, object] | None = None) -> dict[str, dict]:
+    # each run's method as data: the table's ``method`` column, else ``methods`` (label -> run)
+    styles = run_styles(list(table.index), colours, _table_methods(table, methods))
     seen = []
     for label, row in table.iterrows():
         style = styles[label]
@@ -164,19 +176,21 @@ def _scatter_runs(ax, table, x: str, y: str, colours, marker_size: float) -> dic
         ax.scatter(row[x], row[y], color=style["color"], marker=style["marker"], s=size,
                    edgecolor="white", linewidth=0.5, zorder=4 if style["marker"] == "*" else 3)
     for method in seen:  # one legend entry per method, in the method's own (unshaded) colour
-        marker = METHOD_MARKERS.get(method, "o")
-        ax.scatter([], [], color=METHOD_COLOURS.get(method, _NEUTRAL), marker=marker,
+        marker = METHOD_MARKERS[method]
+        ax.scatter([], [], color=METHOD_COLOURS[method], marker=marker,
                    s=marker_size * (2.0 if marker == "*" else 1.0), label=method)
     return styles
 
 
 def plot_rate_distortion_plane(table, ax=None, iso_elbo: int = 6, reference: str | None = None,
                                colours: Mapping[str, str] | None = None, annotate: bool = True,
-                               marker_size: float = 60.0, title: str | None = None, legend: bool = True):
+                               marker_size: float = 60.0, title: str | None = None, legend: bool = True,
+                               methods: Mapping[str, object] | None = None):
     """Distortion against rate, one point per run, with iso-ELBO lines D + R = const.
 
     ``table``: DataFrame indexed by run label with columns ``rate`` and ``distortion`` (nats per
-    sentence) and optionally ``target_rate`` (annotated next to the point). Every point on one
+    sentence) and optionally ``target_rate`` (annotated next to the point) and ``method`` (each
+    run's method; without it ``methods``, label -> run, config or method, see :func:`run_styles`). Every point on one
     dashed line of slope -1 has the same ELBO; moving down-right along a line trades distortion
     for rate at no cost in ELBO. ``iso_elbo`` lines are spread over the plotted range;
     ``reference`` (a label) draws the line through that run in its colour (the thesis' slide
@@ -184,7 +198,7 @@ def plot_rate_distortion_plane(table, ax=None, iso_elbo: int = 6, reference: str
     """
     if ax is None:
         ax = new_figure("single")[1][0, 0]
-    styles = _scatter_runs(ax, table, "rate", "distortion", colours, marker_size)
+    styles = _scatter_runs(ax, table, "rate", "distortion", colours, marker_size, methods)
     if annotate:
         _annotate_targets(ax, table, "rate", "distortion", styles)
     rates, distortions = table["rate"].to_numpy(float), table["distortion"].to_numpy(float)
@@ -209,14 +223,16 @@ def plot_rate_distortion_plane(table, ax=None, iso_elbo: int = 6, reference: str
 
 def plot_elbo_vs_rate(table, ax=None, reference: str | None = None, colours: Mapping[str, str] | None = None,
                       annotate: bool = True, marker_size: float = 60.0, column: str = "elbo",
-                      ylabel: str = "ELBO (nats)", title: str | None = None, legend: bool = True):
+                      ylabel: str = "ELBO (nats)", title: str | None = None, legend: bool = True,
+                      methods: Mapping[str, object] | None = None):
     """ELBO (or another ``column``, e.g. the IW log-likelihood) against rate, one point per run.
 
     ``reference`` (a label) draws a horizontal line at that run's value (the VAE in the thesis).
+    Each run's method: the table's ``method`` column, else ``methods`` (see :func:`run_styles`).
     """
     if ax is None:
         ax = new_figure("single")[1][0, 0]
-    styles = _scatter_runs(ax, table, "rate", column, colours, marker_size)
+    styles = _scatter_runs(ax, table, "rate", column, colours, marker_size, methods)
     if annotate:
         _annotate_targets(ax, table, "rate", column, styles)
     if reference is not None and reference in table.index:
@@ -229,29 +245,31 @@ def plot_elbo_vs_rate(table, ax=None, reference: str | None = None, colours: Map
 def plot_achieved_vs_target(table, ax=None, colours: Mapping[str, str] | None = None,
                             reference: Mapping[str, Mapping[float, float]] | None = None,
                             marker_size: float = 60.0, title: str | None = None, legend: bool = True,
-                            clip: float | None = 1.5):
+                            clip: float | None = 1.5, methods: Mapping[str, object] | None = None):
     """Achieved rate against target rate, one line per method, with the diagonal R = r.
 
-    ``table``: DataFrame indexed by label with columns ``method``, ``target_rate`` and ``rate``
-    (runs without a target are skipped). ``reference``: method -> {target: rate} of another
+    ``table``: DataFrame indexed by label with columns ``target_rate``, ``rate`` and ``method``
+    (without it, each run's method comes from ``methods``: label -> run, config or method;
+    runs without a target are skipped). ``reference``: method -> {target: rate} of another
     source (the thesis' numbers), drawn as hollow markers in the method's colour. ``clip``: the
     y axis ends at ``clip`` x the largest target; runs above it are drawn at the edge as
     triangles labelled with their rate (None: no clipping).
     """
     if ax is None:
         ax = new_figure("single")[1][0, 0]
+    table = table.assign(method=[method_of(m).label for m in _table_methods(table, methods).values()])
     targeted = table[np.isfinite(table["target_rate"].astype(float))]
     colours = dict(colours or {})
     max_target = float(targeted["target_rate"].max()) if len(targeted) else 1.0
     top = clip * max_target if clip is not None else np.inf
     for method, group in targeted.groupby("method", sort=False):
-        colour = colours.get(method, METHOD_COLOURS.get(method, _NEUTRAL))
+        colour = colours.get(method, METHOD_COLOURS[method])
         group = group.sort_values("target_rate")
         shown = np.minimum(group["rate"].to_numpy(float), top)
         above = group["rate"].to_numpy(float) > top
         ax.plot(group["target_rate"], shown, color=colour, lw=1.2, alpha=0.8)
         ax.scatter(group["target_rate"][~above], shown[~above], color=colour,
-                   marker=METHOD_MARKERS.get(method, "o"), s=marker_size, edgecolor="white", linewidth=0.5,
+                   marker=METHOD_MARKERS[method], s=marker_size, edgecolor="white", linewidth=0.5,
                    zorder=3, label=method)
         for target, rate in zip(group["target_rate"][above], group["rate"][above]):
             ax.scatter(target, top, color=colour, marker="^", s=marker_size, zorder=3, clip_on=False)
@@ -260,7 +278,7 @@ def plot_achieved_vs_target(table, ax=None, colours: Mapping[str, str] | None = 
         if reference and method in reference:
             ref = sorted(reference[method].items())
             ax.scatter([t for t, _ in ref], [r for _, r in ref], facecolor="none", edgecolor=colour,
-                       marker=METHOD_MARKERS.get(method, "o"), s=marker_size, linewidth=1.2, zorder=2,
+                       marker=METHOD_MARKERS[method], s=marker_size, linewidth=1.2, zorder=2,
                        label=f"{method} (thesis)")
     hi = max(max_target, float(np.minimum(targeted["rate"].max(), top))) if len(targeted) else 1.0
     if reference:
@@ -281,7 +299,8 @@ def plot_multiplier_trajectories(histories: Mapping[str, Mapping], ax=None, wind
 
     The MDR loss D + R + lambda (r - R) weighs the rate by 1 - lambda: lambda = 0 is the plain
     ELBO (constraint slack), lambda = 1 leaves the rate unpenalised, lambda > 1 rewards rate.
-    Both levels are drawn as dotted reference lines.
+    Both levels are drawn as dotted reference lines. ``methods``: label -> the run's config (or
+    method), see :func:`run_styles`.
     """
     if ax is None:
         ax = new_figure("single")[1][0, 0]
@@ -301,7 +320,8 @@ def plot_rate_against_target(histories: Mapping[str, Mapping], targets: Mapping[
                              methods: Mapping[str, object] | None = None):
     """Training rate (smoothed batch values) and validation rate per run, each with its target
     as a dashed line of the same colour (``logy``: symmetric-log axis, for rates that swing
-    over orders of magnitude)."""
+    over orders of magnitude). ``methods``: label -> the run's config (or method), see
+    :func:`run_styles`."""
     return plot_training_curves(histories, "rate", ax=ax, window=window, colours=colours,
                                 ylabel="rate $R$ (nats)", title=title, legend=legend, targets=targets,
                                 logy=logy, methods=methods)
@@ -310,16 +330,18 @@ def plot_rate_against_target(histories: Mapping[str, Mapping], targets: Mapping[
 # ------------------------------------------------------------------------------ latent dimensions
 def plot_kl_per_dimension(kl: Mapping[str, Sequence[float]], ax=None, sort: bool = True,
                           colours: Mapping[str, str] | None = None, active: Mapping[str, int] | None = None,
-                          title: str | None = None, logy: bool = False, legend: bool = True):
+                          title: str | None = None, logy: bool = False, legend: bool = True,
+                          methods: Mapping[str, object] | None = None):
     """Grouped bars of E_x KL(q(z_d|x) || N(0, 1)) per latent dimension d, one colour per run.
 
     With ``sort`` each run's dimensions are sorted in decreasing order (the x axis is then a
     rank, not a dimension index), so how many dimensions carry the rate is visible at a glance.
-    ``active`` (label -> number of active units) is added to the legend.
+    ``active`` (label -> number of active units) is added to the legend. ``methods``: label -> the
+    run's config (or method), see :func:`run_styles`.
     """
     if ax is None:
         ax = new_figure("single")[1][0, 0]
-    styles = run_styles(list(kl), colours)
+    styles = run_styles(list(kl), colours, methods)
     n_runs = len(kl)
     width = 0.8 / max(n_runs, 1)
     for i, (label, values) in enumerate(kl.items()):
@@ -340,20 +362,21 @@ def plot_kl_per_dimension(kl: Mapping[str, Sequence[float]], ax=None, sort: bool
 def plot_run_dots(values: Mapping[str, Mapping[str, float]], ax=None, errors: Mapping[str, Mapping[str, float]] | None = None,
                   reference: tuple[float, str] | None = None, xlabel: str = "nats per sentence",
                   title: str | None = None, legend: bool = True, series_markers: Mapping[str, str] | None = None,
-                  colours: Mapping[str, str] | None = None):
+                  colours: Mapping[str, str] | None = None, methods: Mapping[str, object] | None = None):
     """A dot plot: one row per run, one marker per series (e.g. ELBO and IW log-likelihood).
 
     ``values``: series name -> {run label -> value}; ``errors``: the same shape, drawn as
     horizontal error bars (e.g. 2 standard errors); ``reference``: (value, label) drawn as a
-    vertical line (e.g. the language model's exact log-likelihood). Rows are coloured by run,
-    series are told apart by their marker.
+    vertical line (e.g. the language model's exact log-likelihood). Rows are coloured by run (its
+    method from ``methods``: label -> the run's config or method, see :func:`run_styles`), series
+    are told apart by their marker.
     """
     if ax is None:
         ax = new_figure("bar")[1][0, 0]
     labels: list[str] = []
     for series in values.values():
         labels += [label for label in series if label not in labels]
-    styles = run_styles(labels, colours)
+    styles = run_styles(labels, colours, methods)
     markers = dict(series_markers or {})
     default_markers = iter([m for m in ("o", "D", "s", "^", "v", "P") if m not in markers.values()])
     n_series = len(values)
