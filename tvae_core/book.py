@@ -85,10 +85,9 @@ def execute_notebook(source: Path, output: Path, profile: str, kernel: str | Non
 
 
 def machine_description() -> str:
-    """Architecture, processor model and core count. The model matters: the bfloat16 matmuls of
-    training and evaluation take another path on a CPU with AMX (recent Intel Xeon) than on one
-    with AVX-512 only (e.g. AMD EPYC), so the same run's numbers differ in their last digits
-    between the two, while torch's CPU capability reads AVX512 on both."""
+    """Architecture, processor model and core count. The model matters: the same runs gave other
+    numbers on an Intel Xeon and an AMD EPYC (both read AVX512 as torch's CPU capability), most
+    likely because bfloat16 matmuls take other kernels with and without AMX."""
     model = platform.processor() or ""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
