@@ -578,7 +578,9 @@ def pretrained_config(base: RunConfig, encoder: str = DEFAULT_ENCODER, decoder: 
     return base.replace(model={"encoder": encoder, "decoder": decoder, "encoder_layers": None},
                         data={"tokenizer": "pretrained"},
                         # pretrained heads train unfused (compute-bound): build_model refuses a bfloat16 head
-                        train={"learning_rate": learning_rate, "lm_head_dtype": "float32"}, label=label)
+                        # and the compiled kernel, which need the blocked head of the small models
+                        train={"learning_rate": learning_rate, "lm_head_dtype": "float32", "lm_head_kernel": "torch"},
+                        label=label)
 
 
 # --------------------------------------------------------------------------------------------
