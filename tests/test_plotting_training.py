@@ -139,3 +139,16 @@ def test_the_latent_figures_take_methods_and_keep_the_prior():
     axes = plotting.plot_latent_histograms(latents, [0, 1], num_posteriors=1, methods=methods)
     assert axes.shape == (1, 2)
     plt.close("all")
+
+
+def test_target_labels_of_two_methods_at_one_point_do_not_overprint():
+    import pandas as pd
+
+    from tvae_core.plotting import new_figure, plot_rate_distortion_plane
+
+    table = pd.DataFrame({"rate": [20.0, 20.0], "distortion": [115.0, 115.0], "target_rate": [24.0, 24.0],
+                          "elbo": [-135.0, -135.0], "method": ["FB", "CYC-FB"]}, index=["FB 24", "CYC-FB 24"])
+    fig, axes = new_figure("single")
+    plot_rate_distortion_plane(table, ax=axes[0, 0])
+    labels = [t for t in axes[0, 0].texts if t.get_text() == "24"]
+    assert len(labels) == 2 and labels[0].xyann != labels[1].xyann
