@@ -113,7 +113,7 @@ def rates_vs_targets(rates: Mapping[float, float],
     """Count the runs below, on and above their targets.
 
     ``rates`` maps each target rate r (nats, > 0) to the achieved rate R of its run (analytic, so
-    never at an estimator limit). R is on target when |R - r| <= tolerance * r (:func:`on_target`),
+    never at an estimator limit). R is on target when ``abs(R - r) <= tolerance * r`` (:func:`on_target`),
     below when R is under that band and above when over it.
     """
     if not tolerance >= 0:
@@ -173,7 +173,7 @@ def compare_marginal_kl(a: float, b: float, se_a: float, se_b: float, *, a_at_fl
 
     Rule, in this order: either estimate at its estimator's limit (e.g. an aggregate-posterior
     estimate whose MI is at the log N ceiling) -> :data:`AT_LIMIT`; both at the calibration floor
-    (:func:`at_floor`) -> :data:`AT_FLOOR`; |a - b| <= ``separation`` * sqrt(se_a**2 + se_b**2)
+    (:func:`at_floor`) -> :data:`AT_FLOOR`; ``abs(a - b) <= separation * sqrt(se_a**2 + se_b**2)``
     -> :data:`NOT_SEPARABLE`; else :data:`A_BELOW_B` or :data:`B_BELOW_A`.
     """
     a, b = _check_finite("a", a), _check_finite("b", b)
