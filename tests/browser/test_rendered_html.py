@@ -87,18 +87,6 @@ def _load(browser, page):
         _typeset_math(browser)
 
 
-def _mark_if_stale(request, page):
-    """A notebook page whose committed execution predates the source notebook's exercises (and
-    with them its alt text, hidden cells and plain-text table headers) shows those only after
-    the book is re-executed (`make execute`, `make book-pretrained`)."""
-    import json
-
-    path = ROOT / "book" / Path(page).with_suffix(".ipynb")
-    if path.is_file() and not any(c.get("metadata", {}).get("exercise") for c in json.loads(path.read_text())["cells"]):
-        request.applymarker(pytest.mark.xfail(reason=f"{path.name} predates its source's changes: re-execute the book",
-                                              strict=False))
-
-
 @pytest.mark.parametrize("page", _pages() or ["intro.html"])
 def test_every_page_typesets_math_without_clipping(browser, page):
     _load(browser, page)
@@ -106,8 +94,7 @@ def test_every_page_typesets_math_without_clipping(browser, page):
 
 
 @pytest.mark.parametrize("page", _pages() or ["intro.html"])
-def test_every_page_loads_its_images_with_alt_text_and_leaks_nothing(browser, page, request):
-    _mark_if_stale(request, page)
+def test_every_page_loads_its_images_with_alt_text_and_leaks_nothing(browser, page):
     _load(browser, page)
     images = browser.execute_script(
         "return Array.from(document.querySelectorAll('main img')).map(i => [i.complete, i.naturalWidth, i.alt, i.src])")

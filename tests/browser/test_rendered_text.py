@@ -22,15 +22,9 @@ def _visible_text(path: Path) -> str:
 
 
 # pages executed before their cells were tagged to hide such output (re-executed by a later step)
-STALE = {"06_pretrained_strong_decoder.html": "its training cell's stdout ('[tvae] run ... stored in <path>') "
-                                              "shows until `make book-pretrained` re-executes it"}
-
-
 @pytest.mark.skipif(not PAGES, reason="no rendered book: run `make book` (or `make render`) first")
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(HTML)))
-def test_page_shows_no_build_paths_warnings_or_progress_bars(page, request):
-    if page.name in STALE:
-        request.applymarker(pytest.mark.xfail(reason=STALE[page.name], strict=False))
+def test_page_shows_no_build_paths_warnings_or_progress_bars(page):
     text = _visible_text(page)
     # this build's folder, and any absolute path of a build machine (the pages were built elsewhere)
     for pattern in (re.escape(str(ROOT)), r"(?<![\w.])/(?:work|tmp|root|home|Users)/[\w.-]+/", r"\bWarning\b",
