@@ -21,7 +21,7 @@ import torch
 
 from tvae_core.allocator import keep_freed_memory
 from tvae_core.experiments import method_config
-from tvae_core.train import train
+from tvae_core.runs import train_into_cache
 
 keep_freed_memory()   # as the book's training processes do (tvae_core.cli): no page faults per step
 
@@ -55,7 +55,7 @@ def main() -> None:
                        "checkpoint_every": steps, "lr_warmup_steps": 100 * 32 // batch,
                        "lm_head_kernel": "native", "sync_every": 50})
             started = time.perf_counter()
-            run = train(cfg, root, progress=False)
+            run = train_into_cache(cfg, root, progress=False)
             seconds = time.perf_counter() - started
             metrics = json.loads((run / "metrics.json").read_text())
             print(f"{method:<8}{batch:>6}{lr:>9.2e}{rule:>8}{steps:>7}{metrics['rate']:>8.2f}"

@@ -39,7 +39,8 @@ from tvae_core.estimators import evaluate_log_likelihood, self_and_leave_one_out
 from tvae_core.experiments import method_config
 from tvae_core.methods import compute_loss
 from tvae_core.profiles import get_profile
-from tvae_core.train import build_model, make_optimizer
+from tvae_core.build import build_model
+from tvae_core.train import make_optimizer
 
 keep_freed_memory()   # as the book's training processes do (tvae_core.cli): no page faults per step
 
@@ -49,7 +50,7 @@ def as_before(model):
     from transformers.activations import ACT2FN
 
     model.fuse_lm_head = model.fuse_lm_head_in_evaluation = False
-    model.training_lm_head_dtype = None
+    model.training_head_dtype = None
     for block in model.decoder.transformer.h:
         block.mlp.act = ACT2FN["gelu_new"]
     return model
@@ -86,7 +87,7 @@ def time_training_steps(profile: str, steps: int, repeats: int) -> dict[str, flo
             optimizer = torch.optim.AdamW(as_before(model).parameters(), cfg.train.learning_rate)
         else:
             if variant == "float32":
-                model.training_lm_head_dtype = None
+                model.training_head_dtype = None
             optimizer = make_optimizer(model, cfg.train)
         models[name] = (cfg, model, optimizer)
     times = {name: [] for name in models}
@@ -112,7 +113,7 @@ def time_iw(profile: str, num_samples: int, sentences: slice, before: bool = Fal
     if before:
         as_before(model)
     else:
-        model.evaluation_dtype = getattr(torch, decoder_dtype or get_profile(profile).estimators.decoder_dtype)
+        model = model.at_precision(decoder_dtype or get_profile(profile).estimators.decoder_dtype)
     seqs = corpus.token_ids("test")[sentences]
     started = time.perf_counter()
     batches = iterate_batches(seqs, sentences_per_call, corpus.vocab.pad_id, bucket=not before)

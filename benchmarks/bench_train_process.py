@@ -28,7 +28,8 @@ def worker(method: str, profile: str, threads: int) -> dict[str, float]:
     from tvae_core.allocator import keep_freed_memory
     from tvae_core.data import load_corpus
     from tvae_core.experiments import method_config
-    from tvae_core.train import build_model, make_optimizer
+    from tvae_core.build import build_model
+    from tvae_core.train import make_optimizer
 
     kept = keep_freed_memory()   # as the book's training processes do (tvae_core.cli)
     torch.set_num_threads(threads)

@@ -42,8 +42,8 @@ from tvae_core.allocator import keep_freed_memory
 from tvae_core.data import load_corpus
 from tvae_core.experiments import method_config
 from tvae_core.methods import compute_loss
-from tvae_core.train import TrainingDiverged, _check_finite, _DeferredDiagnostics, _step_seed, build_model, \
-    make_optimizer
+from tvae_core.build import build_model
+from tvae_core.train import TrainingDiverged, _check_finite, _DeferredDiagnostics, _step_seed, make_optimizer
 
 keep_freed_memory()   # as the book's training processes do (tvae_core.cli): no page faults per step
 

@@ -86,14 +86,15 @@ def whole_split_iw(run, num_samples: int, decoder_dtype: str) -> dict:
     from tvae_core import estimators as est
     from tvae_core.data import iterate_batches
     from tvae_core.device import module_device, synchronize
-    from tvae_core.evaluation import evaluation_corpus, iw_batching
+    from tvae_core.build import training_corpus
+    from tvae_core.evaluation import iw_batching
 
     model = run.model.eval()
     device = module_device(model)
-    sequences = evaluation_corpus(run).token_ids("test")
+    sequences = training_corpus(run.config).token_ids("test")
     plan = iw_batching(num_samples, device)
     batches = iterate_batches(sequences, plan.sentences_per_call, run.vocab.pad_id, shuffle=False, bucket=True)
-    model.evaluation_dtype = getattr(torch, decoder_dtype)  # as evaluate_run sets it from the profile
+    model = model.at_precision(decoder_dtype)  # as evaluate_run does with the profile's estimator sizes
     synchronize(device)
     started = time.perf_counter()
     estimate = est.evaluate_log_likelihood(model, batches, num_samples=num_samples, chunk_size=plan.chunk_size,
@@ -101,7 +102,6 @@ def whole_split_iw(run, num_samples: int, decoder_dtype: str) -> dict:
                                            workers=plan.workers)
     synchronize(device)
     seconds = time.perf_counter() - started
-    model.evaluation_dtype = None
     return {"num_sentences": estimate.num_sequences, "num_samples": num_samples, "seconds": seconds,
             "iw_log_likelihood": estimate.mean, "sequences_per_call": plan.sentences_per_call * plan.chunk_size}
 
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     size = replace(profile.estimators, iw_max_sentences=args.eval_sentences, mmd_num_samples=1000,
                    mmd_permutations=200)
     t0 = time.perf_counter()
-    evaluation = evaluate_run(mdr_run, replace(profile, estimators=size), progress=False)
+    evaluation = evaluate_run(mdr_run, size, progress=False)
     report["evaluate_run"] = {"seconds": time.perf_counter() - t0, "iw_num_sentences": evaluation.iw_num_sentences,
                               "num_sentences": evaluation.num_sentences, "rate": evaluation.rate,
                               "iw_log_likelihood": evaluation.iw_log_likelihood,

@@ -58,7 +58,7 @@ def test_budget_study_refuses_an_unknown_longest_run():
 def _tiny_model():
     from tvae_core.config import DataConfig, ModelConfig, RunConfig, TrainConfig
     from tvae_core.data import Vocabulary, train_word_tokenizer
-    from tvae_core.train import build_model
+    from tvae_core.build import build_model
 
     sentences = ["the cat sat on the mat", "a dog ran", "the dog sat on a log", "a cat ran on the mat"]
     vocab = Vocabulary.from_word_tokenizer(train_word_tokenizer(sentences, 40))

@@ -39,22 +39,22 @@ def built(tmp_path_factory):
     cfg = tiny_config(corpus, "mdr", 2.0, max_steps=12, checkpoint_every=4)
     other = tiny_config(corpus, "mdr", 2.0, max_steps=12, checkpoint_every=4, seed=1)
     runs = base / "runs"
-    publish = train_module._publish_run
+    write = train_module._write_run
 
     def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt  # stands in for a kill right before publishing: checkpoints stay
+        raise KeyboardInterrupt  # stands in for a kill right before the run is written: checkpoints stay
 
-    train_module._publish_run = interrupted
+    train_module._write_run = interrupted
     try:
         with pytest.raises(KeyboardInterrupt):
-            train_module.train(cfg, runs, progress=False)
+            train_module.train(cfg, base / "unwritten", runs / f"{cfg.key}.partial", progress=False)
     finally:
-        train_module._publish_run = publish
+        train_module._write_run = write
     shutil.copytree(runs / f"{cfg.key}.partial", base / "partial")
     run = train_or_load(cfg, runs, progress=False)
     other_run = train_or_load(other, runs, progress=False)
-    evaluation = evaluate_run(run, SMOKE, progress=False)
-    evaluate_run(other_run, SMOKE, progress=False)
+    evaluation = evaluate_run(run, SMOKE.estimators, progress=False)
+    evaluate_run(other_run, SMOKE.estimators, progress=False)
     load_corpus(cfg.data, seed=0, cache_dir=base / "corpus-cache")
     load_corpus(other.replace(data={"vocab_size": 10}).data, seed=0, cache_dir=base / "corpus-cache")
     return {"base": base, "corpus": corpus, "cfg": cfg, "other": other, "run": run, "other_run": other_run,
@@ -184,7 +184,7 @@ def test_a_damaged_evaluation_is_set_aside_and_recomputed(built, tmp_path, caplo
     tensor_path = run.path / f"posterior-{key}.safetensors"
     _evaluation_damage(case, json_path, tensor_path, key, built)
     with caplog.at_level("WARNING", logger="tvae_core"):
-        again = evaluate_run(run, SMOKE, progress=False)
+        again = evaluate_run(run, SMOKE.estimators, progress=False)
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warnings and all(key in w for w in warnings), warnings
     assert dataclasses.replace(again, seconds=0) == dataclasses.replace(built["evaluation"], seconds=0)
@@ -295,6 +295,14 @@ def test_the_training_code_version_sees_code_but_not_comments(monkeypatch, built
     monkeypatch.setattr(config_module, "training_code_version", lambda: "edited")
     assert cfg.key != key  # an edited compute_loss trains a new run
     assert set(config_module.training_code_fingerprint()) == set(config_module.TRAINING_SOURCES)
+    # one entry per file, named by its path in the package: model.py and pretrained/model.py, and
+    # the __init__.py files of two subpackages, are separate entries
+    from tvae_core import evaluation
+    from tvae_core.cache import source_fingerprint as fingerprint_of
+
+    package = Path(evaluation.__file__).parent
+    assert set(fingerprint_of((package / n for n in evaluation.EVALUATION_SOURCES), root=package)) == \
+        set(evaluation.EVALUATION_SOURCES)
 
 
 @pytest.mark.parametrize("learning_rate", [1e3, 30.0])

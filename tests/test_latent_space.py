@@ -46,11 +46,11 @@ def trained_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("latent-space")
     corpus = write_corpus(root / "corpus.txt")
     import tvae_core.data
-    import tvae_core.train
+    import tvae_core.build
 
     with pytest.MonkeyPatch.context() as patch:
         # load_corpus binds its default cache folder at import: pass the temporary one explicitly
-        patch.setattr(tvae_core.train, "load_corpus",
+        patch.setattr(tvae_core.build, "load_corpus",
                       functools.partial(tvae_core.data.load_corpus, cache_dir=root / "data-cache"))
         yield train_or_load(tiny_config(corpus, "ae", max_steps=40), root / "runs", progress=False, device="cpu")
 

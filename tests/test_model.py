@@ -65,8 +65,9 @@ def test_memory_slot_is_read_with_sdpa_and_a_padded_batch(injection):
 
 
 def test_bfloat16_evaluation_stays_close_and_applies_only_without_gradients():
-    """evaluation_dtype: float32 is the plain computation (no autocast warning); bfloat16 moves
-    log p(x|z) a little without gradients and nothing while training (gradients on)."""
+    """evaluation_dtype (an argument of log_likelihood, bound by at_precision for the estimators):
+    float32 is the plain computation (no autocast warning); bfloat16 moves log p(x|z) a little
+    without gradients and nothing while training (gradients on)."""
     import warnings
 
     model = make_model("both")
@@ -74,14 +75,18 @@ def test_bfloat16_evaluation_stays_close_and_applies_only_without_gradients():
     z = torch.randn(3, 2, 4)
     with torch.no_grad():
         exact = model.log_likelihood(batch, z)
-        model.evaluation_dtype = torch.float32
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            assert torch.equal(model.log_likelihood(batch, z), exact)
-        model.evaluation_dtype = torch.bfloat16
-        low = model.log_likelihood(batch, z)
+            assert torch.equal(model.log_likelihood(batch, z, evaluation_dtype=torch.float32), exact)
+            assert torch.equal(model.at_precision("float32").log_likelihood(batch, z), exact)
+        low = model.log_likelihood(batch, z, evaluation_dtype=torch.bfloat16)
+        assert torch.equal(model.at_precision(torch.bfloat16).log_likelihood(batch, z), low)
+        assert torch.equal(model.log_likelihood(batch, z), exact)  # the view left the model as it was
     assert 0 < (low - exact).abs().max() < 0.1
-    assert torch.equal(model.log_likelihood(batch, z).detach(), exact)  # grad enabled: float32
+    # grad enabled: float32 whatever the argument
+    assert torch.equal(model.log_likelihood(batch, z, evaluation_dtype=torch.bfloat16).detach(), exact)
+    with pytest.raises(ValueError, match="evaluation_dtype='half'.*accepted values"):
+        model.at_precision("half")
 
 
 def test_train_config_lm_head_dtype_reaches_the_head_in_training_only():
@@ -89,7 +94,7 @@ def test_train_config_lm_head_dtype_reaches_the_head_in_training_only():
     log p(x|z) a little (and back-propagates); without them the evaluation dtype rules."""
     from tvae_core.config import DataConfig, RunConfig, TrainConfig
     from tvae_core.data import Vocabulary, train_word_tokenizer
-    from tvae_core.train import build_model
+    from tvae_core.build import build_model
 
     vocab = Vocabulary.from_word_tokenizer(train_word_tokenizer(["the cat sat on the mat", "a dog ran"], 40))
     models = {}
@@ -99,8 +104,8 @@ def test_train_config_lm_head_dtype_reaches_the_head_in_training_only():
                            model=ModelConfig(hidden_size=32, num_layers=1, num_heads=2, latent_dim=4, dropout=0.0),
                            train=TrainConfig(lm_head_dtype=dtype))
         models[dtype] = build_model(config, vocab).eval()
-    assert models["float32"].training_lm_head_dtype is None
-    assert models["bfloat16"].training_lm_head_dtype == torch.bfloat16
+    assert models["float32"].training_head_dtype is None
+    assert models["bfloat16"].training_head_dtype == torch.bfloat16
     ids = [vocab.bos_id, *vocab.encode("the cat sat on the mat"), vocab.eos_id]
     batch, z = collate([ids], vocab.pad_id), torch.randn(2, 1, 4)
     trained = {name: m.log_likelihood(batch, z) for name, m in models.items()}  # gradients on

@@ -7,6 +7,7 @@ only when the packages are not installed.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -271,7 +272,7 @@ def test_word_tokenizer_with_pretrained_decoder_is_rejected(corpus_file, checkpo
 
 
 def test_bfloat16_lm_head_training_is_refused_for_an_unfused_pretrained_head(corpus_file, checkpoints):
-    from tvae_core.train import build_model
+    from tvae_core.build import build_model
 
     config = tiny_pretrained_config(corpus_file, "scratch", checkpoints["llama"]).replace(
         train={"lm_head_dtype": "bfloat16"})
@@ -292,32 +293,44 @@ def test_unknown_packaged_name_and_missing_folder_fail_clearly(tmp_path):
 
 @pytest.mark.slow
 def test_train_and_reload_a_pretrained_run(corpus_file, checkpoints, tmp_path):
-    """train() and load_run() with pretrained checkpoints and two tokenizers, end to end."""
-    from tvae_core.runs import load_run
-    from tvae_core.train import train
+    """Training into the cache and load_run() with pretrained checkpoints and two tokenizers, end to end."""
+    from tvae_core.runs import load_run, train_into_cache
 
     config = tiny_pretrained_config(corpus_file, checkpoints["bert"], checkpoints["llama"])
-    train(config, tmp_path / "runs", progress=False)
+    train_into_cache(config, tmp_path / "runs", progress=False)
     run = load_run(config, tmp_path / "runs")
     assert isinstance(run.vocab, PretrainedVocabulary) and isinstance(run.model, PretrainedTransformerVAE)
     assert run.model.encoder_tokenizer is not None
     assert math.isfinite(run.metrics["elbo"]) and run.metrics["rate"] >= 0
 
 
-def test_light_evaluation_of_a_pretrained_vae_and_the_zero_shot_lm(corpus_file, checkpoints, tmp_path):
-    from tvae_core.pretrained import PretrainedStudySize, evaluate_pretrained, zero_shot_language_model
+def test_one_evaluation_path_for_a_pretrained_vae_and_the_zero_shot_lm(corpus_file, checkpoints, tmp_path):
+    """evaluate_model, the core of evaluate_run, on a pretrained VAE with two tokenizers (the
+    encoder's ids derived from the decoder's batches) and on the decoder as it ships, with small
+    decoder calls; the encoder ids precomputed by the corpus and derived by the model agree, so
+    the posterior is the corpus batches' too."""
+    from tvae_core.evaluation import evaluate_model
+    from tvae_core.profiles import EstimatorSize
+    from tvae_core.pretrained import zero_shot_language_model
 
     config, vocab, model = build(corpus_file, checkpoints, scale=1.0)
     corpus = load_pretrained_corpus(config, cache_dir=tmp_path)
-    size = PretrainedStudySize(max_steps=1, batch_size=4, max_train_sentences=None, max_eval_sentences=None,
-                               eval_batch_size=2, iw_num_samples=3, iw_max_sentences=5, latent_dim=LATENT_DIM)
-    result = evaluate_pretrained(model, corpus, size, split="train", label="vae")
-    assert result.num_sentences == len(corpus.token_ids("train")) and result.iw_num_sentences == 5
+    size = EstimatorSize(iw_num_samples=3, iw_max_sentences=5, mmd_num_samples=8, mmd_permutations=10, batch_size=2,
+                         iw_sequences_per_call=6)
+    sequences = corpus.token_ids("train")
+    result, posterior = evaluate_model(model, sequences, vocab.pad_id, size, split="train", label="vae",
+                                       progress=False)
+    assert result.num_sentences == len(sequences) and result.iw_num_sentences == 5
     assert result.rate > 0 and math.isfinite(result.iw_log_likelihood)
     assert abs(sum(result.kl_per_dimension) - result.rate) < 1e-3 * max(1.0, result.rate)
     assert result.mutual_information <= result.mutual_information_ceiling + 1e-9
-    lm = evaluate_pretrained(zero_shot_language_model(config, vocab), corpus, size, split="train", label="lm")
-    assert lm.rate == 0 and lm.iw_num_samples == 1  # no latent: K = 1 is exact
+    with torch.no_grad():
+        first = next(iter(corpus.batches("train", 2, bucket=False)))   # with the corpus's encoder ids
+        torch.testing.assert_close(model.encode(first).loc.double(), posterior.loc[:2])
+    lm_size = dataclasses.replace(size, iw_num_samples=1)  # no latent: every weight is p(x), K = 1 is exact
+    lm, _ = evaluate_model(zero_shot_language_model(config, vocab), sequences, vocab.pad_id, lm_size,
+                           split="train", label="lm", progress=False)
+    assert lm.rate == 0 and lm.iw_num_samples == 1
     assert lm.iw_log_likelihood == pytest.approx(lm.elbo_on_iw_sentences, abs=1e-4)
 
 

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import poison_distortion, tiny_config, write_corpus
-from tvae_core.train import TrainingDiverged, train
+from tvae_core.runs import train_into_cache
+from tvae_core.train import TrainingDiverged
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +34,7 @@ def _config(corpus, sync_every: int, **objective):
 def test_deferred_diagnostics_give_the_same_history_and_weights(corpus, tmp_path, objective):
     every_step, deferred = _config(corpus, 1, **dict(objective)), _config(corpus, 4, **dict(objective))
     assert every_step.key == deferred.key  # a speed option, not part of what the run is
-    runs = {n: train(cfg, tmp_path / n, progress=False) for n, cfg in (("a", every_step), ("b", deferred))}
+    runs = {n: train_into_cache(cfg, tmp_path / n, progress=False) for n, cfg in (("a", every_step), ("b", deferred))}
     history = {n: json.loads((run / "history.json").read_text()) for n, run in runs.items()}
     assert len(history["b"]["train"]) == 13
     assert history["a"] == history["b"]  # every record, every value, bit for bit
@@ -46,7 +47,7 @@ def test_deferred_diagnostics_name_the_first_non_finite_step(corpus, tmp_path, m
     poison_distortion(monkeypatch)
     cfg = _config(corpus, 5, name="vae", target_rate=None)
     with pytest.raises(TrainingDiverged, match=r"non-finite distortion at step 2 \(value sample: \[nan"):
-        train(cfg, tmp_path, progress=False)
+        train_into_cache(cfg, tmp_path, progress=False)
     assert not (tmp_path / cfg.key).exists()
 
 
@@ -59,7 +60,7 @@ def test_native_lm_head_and_deferred_reads_train_to_the_same_losses(corpus, tmp_
     plain = tiny_config(corpus, "fb", 2.0, max_steps=13, lm_head_dtype="bfloat16")
     fast = plain.replace(train={"lm_head_kernel": "native", "sync_every": 5})
     assert fast.key != plain.key
-    histories = [json.loads((train(cfg, tmp_path / str(i), progress=False) / "history.json").read_text())
+    histories = [json.loads((train_into_cache(cfg, tmp_path / str(i), progress=False) / "history.json").read_text())
                  for i, cfg in enumerate((plain, fast))]
     for name in ("loss", "rate", "distortion"):
         old = torch.tensor([r[name] for r in histories[0]["train"]])

@@ -159,24 +159,31 @@ def test_cli_prints_where_the_run_is_stored_and_its_metrics(corpus, tmp_path):
 
 
 def test_evaluation_is_cached_rebuilt_when_damaged_and_leaves_the_model_as_it_was(corpus, tmp_path):
-    """evaluate_run: the profile's bfloat16 decoder only for its own passes, the cached result returned
-    unchanged, and a damaged cache entry recomputed to the same numbers."""
+    """evaluate_run: the sizes' bfloat16 decoder only for its own passes (the model keeps no
+    precision state), the cached result returned unchanged, a damaged cache entry recomputed to
+    the same numbers, and a whole profile refused in place of its estimator sizes."""
     import dataclasses
 
     from tvae_core.evaluation import evaluate_run
     from tvae_core.profiles import get_profile
 
     smoke = get_profile("smoke")
-    profile = dataclasses.replace(smoke, estimators=dataclasses.replace(smoke.estimators, decoder_dtype="bfloat16"))
+    size = dataclasses.replace(smoke.estimators, decoder_dtype="bfloat16")
     run = train_or_load(tiny_config(corpus, "fb", 2.0, max_steps=4), tmp_path, progress=False)
-    first = evaluate_run(run, profile, progress=False)
-    assert run.model.evaluation_dtype is None
+    state = {k: v.clone() for k, v in run.model.state_dict().items()}
+    attributes = dict(vars(run.model))
+    first = evaluate_run(run, size, progress=False)
+    assert {k: v for k, v in vars(run.model).items() if k != "training"} == \
+        {k: v for k, v in attributes.items() if k != "training"}
+    assert all(torch.equal(v, state[k]) for k, v in run.model.state_dict().items())
     assert first.iw_log_likelihood <= 0 and first.mutual_information <= first.mutual_information_ceiling + 1e-9
-    assert evaluate_run(run, profile, progress=False) == first
+    assert evaluate_run(run, size, progress=False) == first
     (json_path,) = run.path.glob("evaluation-*.json")
     json_path.write_text(json_path.read_text()[:20])           # truncated: damaged
-    again = evaluate_run(run, profile, progress=False)
+    again = evaluate_run(run, size, progress=False)
     assert dataclasses.replace(again, seconds=0) == dataclasses.replace(first, seconds=0)
+    with pytest.raises(TypeError, match="EstimatorSize"):
+        evaluate_run(run, smoke, progress=False)
 
 
 def test_a_run_exports_in_the_hugging_face_layout_next_to_its_cache_entry(corpus, tmp_path):

@@ -13,7 +13,7 @@ from tvae_core import estimators as est
 from tvae_core import training_split
 from tvae_core.cache import read_checked_json, write_checked_json
 from tvae_core.data import iterate_batches
-from tvae_core.evaluation import evaluation_corpus
+from tvae_core.build import training_corpus
 from tvae_core.runs import train_or_load
 from tvae_core.training_split import aggregate_from_posteriors, limited_value, training_split_aggregate
 
@@ -72,7 +72,7 @@ def test_a_run_is_encoded_whole_and_its_entry_is_read_back_without_recomputing(t
     for path in tiny_run.path.glob("training-split-aggregate-*"):
         path.unlink()
     first = training_split_aggregate(tiny_run, seed=1)
-    sequences = evaluation_corpus(tiny_run).token_ids("train")
+    sequences = training_corpus(tiny_run.config).token_ids("train")
     params = est.collect_posterior_parameters(
         tiny_run.model, iterate_batches(sequences, 16, tiny_run.vocab.pad_id, shuffle=False, bucket=False),
         progress=False)

@@ -65,12 +65,15 @@ def reconstruction_accuracy(model, sequences: list[list[int]], pad_id: int, *, f
 def budget_measures(run, profile, *, recon_sentences: int = 200, seed: int = 0, progress: bool = False) -> dict:
     """Everything the budget table shows for one finished run (a JSON-able dict). The method,
     target and budget come from the run's config, never from its label."""
-    from .evaluation import evaluate_run, evaluation_corpus
+    from .build import training_corpus
+    from .evaluation import evaluate_run
+    from .profiles import get_profile
 
     cfg = run.config
-    ev = evaluate_run(run, profile, progress=progress)
+    p = get_profile(profile) if isinstance(profile, str) else profile
+    ev = evaluate_run(run, p.estimators, progress=progress)
     started = time.time()
-    corpus = evaluation_corpus(run)
+    corpus = training_corpus(cfg)
     model = run.model.eval()
     # the cached training-split estimates notebook 03 shows too: one N x N pass per run for both
     split = training_split_aggregate(run, seed=seed, progress=progress)
@@ -165,7 +168,7 @@ def budget_mmm(runs: dict, profile, *, seed: int = 0, family: str = "RD", progre
     generator = torch.Generator().manual_seed(seed)
     samples, rates = {}, {}
     for label, run in runs.items():
-        loc, scale = posterior_parameters(run, p, seed=seed)                       # [N, D]
+        loc, scale = posterior_parameters(run, p.estimators, seed=seed)            # [N, D]
         n = min(p.mmm.samples_per_group, loc.shape[0])
         chosen = torch.randperm(loc.shape[0], generator=generator)[:n]
         z = est.sample_aggregate_posterior(loc[chosen], scale[chosen], 1, generator)   # [1, n, D]

@@ -58,18 +58,21 @@ def canonical_json(payload) -> str:
     return json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
-def source_fingerprint(paths) -> dict[str, str]:
+def source_fingerprint(paths, root: str | Path | None = None) -> dict[str, str]:
     """SHA-256 per source file of what the code *does*: a ``.py`` file is parsed and its AST
     dumped without docstrings, so comments, docstrings and formatting do not count and any change
     of a statement, expression or default does; other files (C++ sources) are hashed as bytes.
-    The AST dump is stable for one Python minor version (the project pins 3.11)."""
+    The AST dump is stable for one Python minor version (the project pins 3.11). Files are named
+    by their path relative to ``root`` (so ``model.py`` and ``pretrained/model.py`` stay two
+    entries), or by their file name without it."""
     out = {}
     for path in paths:
         path = Path(path)
+        name = path.relative_to(root).as_posix() if root is not None else path.name
         text = path.read_text(encoding="utf-8")
         if path.suffix == ".py":
             text = ast.dump(_strip_docstrings(ast.parse(text)), include_attributes=False)
-        out[path.name] = hashlib.sha256(text.encode()).hexdigest()
+        out[name] = hashlib.sha256(text.encode()).hexdigest()
     return out
 
 

@@ -137,12 +137,13 @@ def evaluation_report(run, result, seconds: float) -> str:
 
 def cmd_evaluate(args) -> int:
     from .evaluation import evaluate_run
+    from .profiles import get_profile
     from .runs import train_or_load
 
     cfg = _config_from_args(args)
     run = train_or_load(cfg, args.runs_dir, progress=not args.quiet)
     started = time.time()
-    result = evaluate_run(run, args.profile, progress=not args.quiet)
+    result = evaluate_run(run, get_profile(args.profile).estimators, progress=not args.quiet)
     if args.training_split:   # the pages' training-split estimates (tvae_core.training_split), cached
         from .training_split import training_split_aggregate
 
@@ -171,7 +172,7 @@ def cmd_train_all(args) -> int:
     from .experiments import all_book_runs, training_split_measures
     from .profiles import get_profile
     from .runs import is_valid_run, runs_dir
-    from .training_split import training_split_key
+    from .training_split import training_split_path
 
     for name in ("workers", "threads"):
         value = getattr(args, name)
@@ -189,7 +190,7 @@ def cmd_train_all(args) -> int:
         run_dir, wanted = root / cfg.key, extra.get(cfg.key, set())
         return evaluation_is_cached(run_dir, cfg.key, size) and (
             "training_split" not in wanted or
-            (run_dir / f"training-split-aggregate-{training_split_key(cfg.key, seed=cfg.train.seed)}.json").is_file()
+            training_split_path(run_dir, cfg.key, seed=cfg.train.seed).is_file()
         ) and ("budget_row" not in wanted or budget_row_path(run_dir, cfg.key, args.profile, seed=cfg.train.seed).is_file())
 
     evaluated = {label for label, cfg in runs.items() if label in trained and measured(cfg)}

@@ -37,14 +37,15 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 # The modules whose code decides what a run trains to: configs, corpus and tokeniser, model, LM
 # head, objectives, training loop, pretrained models and corpora. Evaluation code has its own
 # hash in the evaluation key (tvae_core.evaluation).
-TRAINING_SOURCES = ("config.py", "data.py", "model.py", "lm_head.py", "objectives.py", "methods.py", "train.py",
-                    "pretrained.py", "protocols.py")
+TRAINING_SOURCES = ("config.py", "data.py", "build.py", "model.py", "lm_head.py", "objectives.py", "methods.py",
+                    "train.py", "protocols.py", "pretrained/__init__.py", "pretrained/weights.py",
+                    "pretrained/vocabulary.py", "pretrained/corpus.py", "pretrained/model.py")
 
 
 @functools.lru_cache(maxsize=1)
 def training_code_fingerprint() -> dict[str, str]:
     """Per-file hashes of :data:`TRAINING_SOURCES` (see :func:`tvae_core.cache.source_fingerprint`)."""
-    return source_fingerprint(_PACKAGE_DIR / name for name in TRAINING_SOURCES)
+    return source_fingerprint((_PACKAGE_DIR / name for name in TRAINING_SOURCES), root=_PACKAGE_DIR)
 
 
 def training_code_version() -> str:

@@ -1,6 +1,7 @@
 """Cached evaluation of a trained run on held-out data, shared by the notebooks.
 
-:func:`evaluate_run` computes, for one run and one profile, on the test split:
+:func:`evaluate_run` computes, for one run and one set of estimator sizes (a profile's
+``estimators``), on the test split:
 
 * single-sample rate / distortion / ELBO (nats per sentence, per token, perplexity bound);
 * the importance-weighted bound on log p(x) with K = ``estimators.iw_num_samples``;
@@ -42,9 +43,10 @@ import torch
 from . import estimators as est
 from .cache import (DamagedCacheError, canonical_json, non_finite_numbers, read_checked_json, set_aside,
                     sha256_file, source_fingerprint, staging_path, write_checked_json)
+from .build import training_corpus
 from .data import iterate_batches
 from .device import module_device
-from .profiles import EstimatorSize, Profile, get_profile
+from .profiles import EstimatorSize
 from .runs import Run
 
 log = logging.getLogger(__name__)
@@ -96,11 +98,16 @@ class IWBatching:
     workers: int
 
 
-def iw_batching(num_samples: int, device: torch.device) -> IWBatching:
+def iw_batching(num_samples: int, device: torch.device, sequences_per_call: int | None = None) -> IWBatching:
     """On the CPU ~500 decoder sequences per call (~20% faster than 2,000: a smaller working set),
     one batch per thread; on an accelerator ~8,000 (all K samples of 16 sentences at K = 500), so
-    each call fills the device, on one thread. Sentences of similar length go together either way
-    (less padding)."""
+    each call fills the device, on one thread. ``sequences_per_call`` overrides the size (large
+    pretrained decoders: :attr:`EstimatorSize.iw_sequences_per_call`). Sentences of similar length
+    go together either way (less padding)."""
+    workers = torch.get_num_threads() if device.type == "cpu" else 1
+    if sequences_per_call is not None:
+        chunk = min(num_samples, sequences_per_call)
+        return IWBatching(max(1, sequences_per_call // chunk), chunk, workers)
     if device.type == "cpu":
         chunk = min(num_samples, 100)
         return IWBatching(max(1, 512 // chunk), chunk, torch.get_num_threads())
@@ -122,7 +129,7 @@ EVALUATION_SOURCES = ("evaluation.py", "lm_head.py", "estimators/__init__.py", "
 def evaluation_code_version() -> str:
     """Hash of :data:`EVALUATION_SOURCES` (ASTs without docstrings; see
     :func:`tvae_core.cache.source_fingerprint`): editing an estimator recomputes evaluations."""
-    fingerprint = source_fingerprint(_PACKAGE_DIR / name for name in EVALUATION_SOURCES)
+    fingerprint = source_fingerprint((_PACKAGE_DIR / name for name in EVALUATION_SOURCES), root=_PACKAGE_DIR)
     return hashlib.sha256(canonical_json(fingerprint).encode()).hexdigest()[:16]
 
 
@@ -148,16 +155,10 @@ def evaluation_is_cached(run_dir: Path, run_key: str, size: EstimatorSize, split
         return False
 
 
-def evaluation_corpus(run: Run):
-    from .train import load_training_corpus
-
-    return load_training_corpus(run.config)
-
-
-def posterior_parameters(run: Run, profile: str | Profile, split: str = "test", seed: int = 0):
-    """loc, scale [N, D] (float64) of q(z|x) for every sentence of ``split`` (cached)."""
-    evaluate_run(run, profile, split, seed)
-    size = (get_profile(profile) if isinstance(profile, str) else profile).estimators
+def posterior_parameters(run: Run, size: EstimatorSize, split: str = "test", seed: int = 0):
+    """loc, scale [N, D] (float64) of q(z|x) for every sentence of ``split`` (cached with the
+    evaluation of ``size``, :func:`evaluate_run`)."""
+    evaluate_run(run, size, split, seed)
     from safetensors.torch import load_file
 
     key = _evaluation_key(run, size, split, seed)
@@ -220,13 +221,75 @@ def _load_evaluation(run: Run, key: str, json_path: Path, tensor_path: Path) -> 
     return result
 
 
-def evaluate_run(run: Run, profile: str | Profile, split: str = "test", seed: int = 0, *,
+@torch.no_grad()
+def evaluate_model(model, sequences: list[list[int]], pad_id: int, size: EstimatorSize, *, seed: int = 0,
+                   label: str = "", run_key: str = "", split: str = "test", progress: bool = True):
+    """The held-out numbers of :class:`RunEvaluation` for any :class:`~tvae_core.model.TransformerVAE`
+    on ``sequences`` (token ids in its decoder's vocabulary), uncached: the one evaluation path of
+    trained runs (:func:`evaluate_run` caches it) and of models that are no run (a pretrained
+    decoder as it ships). Returns ``(result, posterior)``: the posterior parameters of every
+    sentence (``loc``, ``scale`` [N, D], float64). A model without a latent has exact
+    importance weights, so ``size.iw_num_samples = 1`` already gives its exact log p(x)."""
+    if not isinstance(size, EstimatorSize):
+        raise TypeError(f"size={size!r}: accepted values: an EstimatorSize, e.g. get_profile('default').estimators")
+    started = time.time()
+    device = module_device(model)  # evaluated where the model is (tvae_core.device)
+    model = model.eval().at_precision(size.decoder_dtype)  # the decoder's matmuls at the sizes' dtype
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+
+    def batches(seqs, batch_size=size.batch_size, bucket=False):
+        return iterate_batches(seqs, batch_size, pad_id, shuffle=False, bucket=bucket)
+
+    bounds = est.evaluate_bounds(model, batches(sequences), generator=generator, progress=progress,
+                                 keep_posterior=True, device=device)
+    iw_seqs = sequences[: size.iw_max_sentences] if size.iw_max_sentences else sequences
+    plan = iw_batching(size.iw_num_samples, device, size.iw_sequences_per_call)
+    iw = est.evaluate_log_likelihood(model, batches(iw_seqs, plan.sentences_per_call, bucket=True),
+                                     num_samples=size.iw_num_samples, chunk_size=plan.chunk_size,
+                                     generator=generator, progress=progress, device=device,
+                                     workers=plan.workers)
+    elbo_iw = est.evaluate_bounds(model, batches(iw_seqs), generator=generator, progress=False,
+                                  device=device).elbo
+    params = bounds.posterior  # q(z|x) of the whole split, from the bounds' encoder pass
+    with_self, loo = est.self_and_leave_one_out_terms(params.loc, params.scale, generator=generator,
+                                                      decompose=True)
+    units = est.active_units(params.loc)
+    kl_dims = est.kl_per_dimension(params.loc, params.scale)
+    n_mmd = min(size.mmd_num_samples, params.loc.shape[0])
+    z_q = est.sample_aggregate_posterior(params.loc[:n_mmd], params.scale[:n_mmd], 1, generator).reshape(n_mmd, -1)
+    z_p = torch.randn(n_mmd, params.loc.shape[1], generator=generator, dtype=torch.float64)
+    mmd = est.mmd_permutation_test(z_q, z_p, num_permutations=size.mmd_permutations, generator=generator)
+
+    result = RunEvaluation(
+        label=label, run_key=run_key, split=split, num_sentences=bounds.num_sequences,
+        num_tokens=bounds.num_tokens, rate=bounds.rate, distortion=bounds.distortion, elbo=bounds.elbo,
+        elbo_per_token=bounds.elbo_per_token, perplexity_bound=bounds.perplexity,
+        iw_num_samples=size.iw_num_samples, iw_num_sentences=iw.num_sequences,
+        iw_log_likelihood=iw.mean, iw_log_likelihood_se=iw.standard_error, iw_perplexity=iw.perplexity,
+        elbo_on_iw_sentences=elbo_iw,
+        mutual_information=with_self.mutual_information.value,
+        mutual_information_ceiling=with_self.mutual_information.ceiling,
+        mutual_information_at_ceiling=bool(with_self.mutual_information.at_ceiling),
+        mutual_information_loo=loo.mutual_information.value,
+        marginal_kl=with_self.marginal_kl.value, marginal_kl_loo=loo.marginal_kl.value,
+        total_correlation=float(with_self.total_correlation),
+        dimensionwise_kl=float(with_self.dimensionwise_kl),
+        active_units=int(units.num_active), kl_per_dimension=[float(v) for v in kl_dims],
+        mmd_statistic=float(mmd.mmd2), mmd_p_value=float(mmd.p_value),
+        seconds=time.time() - started,
+    )
+    return result, params
+
+
+def evaluate_run(run: Run, size: EstimatorSize, split: str = "test", seed: int = 0, *,
                  progress: bool = True) -> RunEvaluation:
-    """All held-out numbers of one run (cached next to the run; see the module docstring)."""
+    """All held-out numbers of one run with the estimator sizes ``size`` (a profile's
+    ``estimators``), cached next to the run; see the module docstring."""
     from safetensors.torch import save_file
 
-    p = get_profile(profile) if isinstance(profile, str) else profile
-    size = p.estimators
+    if not isinstance(size, EstimatorSize):
+        raise TypeError(f"size={size!r}: accepted values: an EstimatorSize, e.g. get_profile('default').estimators")
     key = _evaluation_key(run, size, split, seed)
     json_path = run.path / f"evaluation-{key}.json"
     tensor_path = run.path / f"posterior-{key}.safetensors"
@@ -238,61 +301,9 @@ def evaluate_run(run: Run, profile: str | Profile, split: str = "test", seed: in
                 if path.is_file():
                     set_aside(path, str(err))
 
-    started = time.time()
-    model = run.model.eval()
-    device = module_device(model)  # evaluated where the run was loaded (tvae_core.device)
-    previous_dtype = model.evaluation_dtype
-    model.evaluation_dtype = getattr(torch, size.decoder_dtype)  # restored below
-    try:
-        corpus = evaluation_corpus(run)
-        sequences = corpus.token_ids(split)
-        pad = run.vocab.pad_id
-        generator = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)
-
-        def batches(seqs, batch_size=128, bucket=False):
-            return iterate_batches(seqs, batch_size, pad, shuffle=False, bucket=bucket)
-
-        bounds = est.evaluate_bounds(model, batches(sequences), generator=generator, progress=progress,
-                                     keep_posterior=True, device=device)
-        iw_seqs = sequences[: size.iw_max_sentences] if size.iw_max_sentences else sequences
-        plan = iw_batching(size.iw_num_samples, device)
-        iw = est.evaluate_log_likelihood(model, batches(iw_seqs, plan.sentences_per_call, bucket=True),
-                                         num_samples=size.iw_num_samples, chunk_size=plan.chunk_size,
-                                         generator=generator, progress=progress, device=device,
-                                         workers=plan.workers)
-        elbo_iw = est.evaluate_bounds(model, batches(iw_seqs), generator=generator, progress=False,
-                                      device=device).elbo
-        params = bounds.posterior  # q(z|x) of the whole split, from the bounds' encoder pass
-        with_self, loo = est.self_and_leave_one_out_terms(params.loc, params.scale, generator=generator,
-                                                          decompose=True)
-        units = est.active_units(params.loc)
-        kl_dims = est.kl_per_dimension(params.loc, params.scale)
-        n_mmd = min(size.mmd_num_samples, params.loc.shape[0])
-        z_q = est.sample_aggregate_posterior(params.loc[:n_mmd], params.scale[:n_mmd], 1, generator).reshape(n_mmd, -1)
-        z_p = torch.randn(n_mmd, params.loc.shape[1], generator=generator, dtype=torch.float64)
-        mmd = est.mmd_permutation_test(z_q, z_p, num_permutations=size.mmd_permutations, generator=generator)
-
-        result = RunEvaluation(
-            label=run.label, run_key=run.config.key, split=split, num_sentences=bounds.num_sequences,
-            num_tokens=bounds.num_tokens, rate=bounds.rate, distortion=bounds.distortion, elbo=bounds.elbo,
-            elbo_per_token=bounds.elbo_per_token, perplexity_bound=bounds.perplexity,
-            iw_num_samples=size.iw_num_samples, iw_num_sentences=iw.num_sequences,
-            iw_log_likelihood=iw.mean, iw_log_likelihood_se=iw.standard_error, iw_perplexity=iw.perplexity,
-            elbo_on_iw_sentences=elbo_iw,
-            mutual_information=with_self.mutual_information.value,
-            mutual_information_ceiling=with_self.mutual_information.ceiling,
-            mutual_information_at_ceiling=bool(with_self.mutual_information.at_ceiling),
-            mutual_information_loo=loo.mutual_information.value,
-            marginal_kl=with_self.marginal_kl.value, marginal_kl_loo=loo.marginal_kl.value,
-            total_correlation=float(with_self.total_correlation),
-            dimensionwise_kl=float(with_self.dimensionwise_kl),
-            active_units=int(units.num_active), kl_per_dimension=[float(v) for v in kl_dims],
-            mmd_statistic=float(mmd.mmd2), mmd_p_value=float(mmd.p_value),
-            seconds=time.time() - started,
-        )
-    finally:
-        model.evaluation_dtype = previous_dtype
+    result, params = evaluate_model(run.model, training_corpus(run.config).token_ids(split), run.vocab.pad_id, size,
+                                    seed=seed, label=run.label, run_key=run.config.key, split=split,
+                                    progress=progress)
     try:  # nothing non-finite (or of the wrong shape) is published
         _check_result(result)
         _check_posterior(params.loc, params.scale, result.num_sentences, run.config.model.latent_dim)

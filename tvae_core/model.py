@@ -112,22 +112,16 @@ class TransformerVAE(nn.Module):
 
     fuse_lm_head: bool = True
     fuse_lm_head_in_evaluation: bool = True
-    # gradient-free evaluation only (None: float32 throughout): the dtype of the decoder's matmuls,
-    # the transformer's under autocast and the vocabulary matmul's (tvae_core.lm_head); the
-    # target logits and every log-softmax stay float32. Set by tvae_core.evaluation from the
-    # profile's EstimatorSize.decoder_dtype.
-    evaluation_dtype: torch.dtype | None = None
-    # training only (None: float32): the dtype of the blocked LM head's matmuls; the logits'
-    # log-softmax, the target logits and the weight-gradient sums stay float32. Set by
-    # tvae_core.train.build_model from TrainConfig.lm_head_dtype (part of the run's key).
-    training_lm_head_dtype: torch.dtype | None = None
-    # training only: the blocked LM head by the compiled kernels of tvae_core.native where they
-    # apply (the same numbers to float rounding); set by tvae_core.train.build_model from
-    # TrainConfig.lm_head_kernel
-    training_lm_head_native: bool = False
 
     def __init__(self, config: ModelConfig, encoder: nn.Module | None, decoder: nn.Module, *,
-                 pad_id: int, bos_id: int, eos_id: int, unk_id: int):
+                 pad_id: int, bos_id: int, eos_id: int, unk_id: int,
+                 training_head_dtype: torch.dtype | None = None, training_head_native: bool = False):
+        """``training_head_dtype`` (None: float32): the dtype of the blocked LM head's matmuls in
+        training; its log-softmax, the target logits and the weight-gradient sums stay float32.
+        ``training_head_native``: train the blocked head with the compiled kernels of
+        :mod:`tvae_core.native` (the same numbers to float rounding). Both need the blocked head (a
+        plain linear head, ``fuse_lm_head``); :func:`tvae_core.build.build_model` passes them from
+        ``TrainConfig.lm_head_dtype`` / ``lm_head_kernel`` (part of the run's key)."""
         super().__init__()
         self.config = config
         self.latent_dim = config.latent_dim
@@ -149,6 +143,17 @@ class TransformerVAE(nn.Module):
         if config.injection in ("embedding", "both"):
             self.latent_to_embedding = nn.Linear(config.latent_dim, decoder.config.hidden_size)
         self.init_latent_projections(getattr(decoder.config, "initializer_range", 0.02))
+        refused = []
+        if training_head_dtype not in (None, torch.float32):
+            name = str(training_head_dtype).removeprefix("torch.")
+            refused.append(f"train.lm_head_dtype={name!r} (accepted value here: 'float32')")
+        if training_head_native:
+            refused.append("train.lm_head_kernel='native' (accepted value here: 'torch')")
+        if refused and not self.trains_blocked_lm_head:
+            raise ValueError(f"{' and '.join(refused)}: needs the blocked LM head (a plain linear head, "
+                             "fuse_lm_head=True); this model trains its head unfused")
+        self.training_head_dtype = None if training_head_dtype == torch.float32 else training_head_dtype
+        self.training_head_native = training_head_native
 
     def init_latent_projections(self, std: float = 0.02) -> None:
         """Start z's influence at the scale of what it is added to, with zero biases (``std``: the
@@ -175,12 +180,20 @@ class TransformerVAE(nn.Module):
 
     @classmethod
     def from_scratch(cls, config: ModelConfig, vocab_size: int, *, pad_id: int, bos_id: int, eos_id: int,
-                     unk_id: int, max_length: int) -> "TransformerVAE":
+                     unk_id: int, max_length: int, **head_options) -> "TransformerVAE":
+        """A small encoder and decoder built from ``config`` (``head_options``: the training-head
+        arguments of ``__init__``)."""
         encoder = None
         if config.injection != "none":
             encoder = build_scratch_encoder(config, vocab_size, pad_id, max_length)
         decoder = build_scratch_decoder(config, vocab_size, pad_id, bos_id, eos_id, max_length)
-        return cls(config, encoder, decoder, pad_id=pad_id, bos_id=bos_id, eos_id=eos_id, unk_id=unk_id)
+        return cls(config, encoder, decoder, pad_id=pad_id, bos_id=bos_id, eos_id=eos_id, unk_id=unk_id,
+                   **head_options)
+
+    def at_precision(self, evaluation_dtype: torch.dtype | str | None) -> "PrecisionView":
+        """This model for gradient-free estimators with its decoder at ``evaluation_dtype`` (see
+        :meth:`log_likelihood`); the model itself is not changed."""
+        return PrecisionView(self, evaluation_dtype)
 
     # ------------------------------------------------------------------ inference network
     def encode(self, batch: dict[str, torch.Tensor]) -> Normal:
@@ -261,12 +274,17 @@ class TransformerVAE(nn.Module):
         drop[:, 0] = False  # [BOS] always stays
         return inputs.masked_fill(drop, self.unk_id)
 
-    def log_likelihood(self, batch: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+    def log_likelihood(self, batch: dict[str, torch.Tensor], z: torch.Tensor, *,
+                       evaluation_dtype: torch.dtype | None = None) -> torch.Tensor:
         """log p(x|z) in nats per sequence, summed over predicted tokens. z: [S, B, D] -> [S, B].
 
         The LM head (the most expensive layer: hidden x vocabulary) is applied to the real target
         positions only, never to padding; a plain linear head (GPT-2, Llama) is fused with the
         cross-entropy in cache-sized blocks (:mod:`tvae_core.lm_head`).
+
+        ``evaluation_dtype`` (gradient-free calls only; None: float32 throughout): the dtype of the
+        decoder's matmuls, the transformer's under autocast and the vocabulary matmul's; the target
+        logits and every log-softmax stay float32. :meth:`at_precision` binds it for estimators.
         """
         ids, mask = batch["input_ids"], batch["attention_mask"]
         num_samples, batch_size = z.shape[0], ids.shape[0]
@@ -275,10 +293,10 @@ class TransformerVAE(nn.Module):
         target_mask = mask[:, 1:].repeat(num_samples, 1).bool()
         latent = z.reshape(num_samples * batch_size, -1) if self.uses_latent else None  # [S*B, D]
         training = torch.is_grad_enabled()
-        low_precision = self.evaluation_dtype
+        low_precision = evaluation_dtype
         if training or low_precision == torch.float32:
             low_precision = None
-        head_dtype = self.training_lm_head_dtype if training else low_precision
+        head_dtype = self.training_head_dtype if training else low_precision
         # evaluation in low precision opens an autocast region; otherwise the caller's autocast
         # state holds (training under Accelerate's mixed precision keeps the decoder in it)
         with torch.autocast(ids.device.type, dtype=low_precision) if low_precision is not None else nullcontext():
@@ -300,7 +318,7 @@ class TransformerVAE(nn.Module):
         head = _lm_head(self.decoder)
         if self._uses_blocked_lm_head(training):
             return linear_cross_entropy(hidden, head.weight, head.bias, targets, compute_dtype=head_dtype,
-                                        native_training=training and self.training_lm_head_native)
+                                        native_training=training and self.training_head_native)
         # heads with a transform before the vocabulary projection (RoBERTa, BERT)
         return F.cross_entropy(head(hidden).float(), targets, reduction="none")
 
@@ -472,3 +490,35 @@ class TransformerVAE(nn.Module):
         model = cls(config, encoder, decoder, **payload["special_ids"])
         load_model(model, str(directory / cls.PRETRAINED_WEIGHTS), strict=True, device=device)
         return model.eval()
+
+
+
+class PrecisionView:
+    """A :class:`TransformerVAE` seen by the estimators (:class:`tvae_core.protocols.LatentVariableModel`)
+    with its decoder's evaluation precision bound: ``log_likelihood`` runs at ``evaluation_dtype``
+    (None: float32), everything else is the model's own. Build it with
+    :meth:`TransformerVAE.at_precision`; the model keeps no precision state of its own."""
+
+    def __init__(self, model: TransformerVAE, evaluation_dtype: torch.dtype | str | None):
+        if isinstance(evaluation_dtype, str):
+            if evaluation_dtype not in ("float32", "bfloat16", "float16"):
+                raise ValueError(f"evaluation_dtype={evaluation_dtype!r}; accepted values: 'float32', 'bfloat16', "
+                                 "'float16' or a torch.dtype")
+            evaluation_dtype = getattr(torch, evaluation_dtype)
+        self.model = model
+        self.evaluation_dtype = evaluation_dtype
+        self.latent_dim = model.latent_dim
+        self.uses_latent = model.uses_latent
+
+    def encode(self, batch: dict[str, torch.Tensor]) -> Normal:
+        return self.model.encode(batch)
+
+    def log_likelihood(self, batch: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+        return self.model.log_likelihood(batch, z, evaluation_dtype=self.evaluation_dtype)
+
+    def num_predicted_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model.num_predicted_tokens(batch)
+
+    def parameters(self):
+        """The model's parameters (the estimators find the device from them)."""
+        return self.model.parameters()

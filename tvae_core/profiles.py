@@ -25,16 +25,30 @@ class EstimatorSize:
     iw_max_sentences: int | None   # None = whole test split
     mmd_num_samples: int
     mmd_permutations: int
-    # dtype of the decoder's matmuls in evaluation (TransformerVAE.evaluation_dtype): "bfloat16"
+    # dtype of the decoder's matmuls in evaluation (the evaluation_dtype that evaluate_run passes to
+    # TransformerVAE.log_likelihood through TransformerVAE.at_precision): "bfloat16"
     # runs the transformer under autocast and the vocabulary matmul in bfloat16 (target logits and
     # log-softmax in float32); on the default PTB models it moves a sentence's log p(x|z) by
     # 0.010-0.011 nats (sd; max 0.045) and makes IW 1.8x faster than float32 (both measured)
     decoder_dtype: str = "float32"
+    # sentences per call of the single-sample bounds, and decoder sequences (sentences x z samples)
+    # per call of the IW bound (None: tvae_core.evaluation.iw_batching's rule for the device); small
+    # for a large pretrained decoder, whose activations per sequence are ~10x the small models'
+    batch_size: int = 128
+    iw_sequences_per_call: int | None = None
 
     def __post_init__(self):
         if self.decoder_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"estimators.decoder_dtype={self.decoder_dtype!r} is not accepted; "
                              "accepted values: ('float32', 'bfloat16')")
+        for name in ("iw_num_samples", "mmd_num_samples", "mmd_permutations", "batch_size", "iw_max_sentences",
+                     "iw_sequences_per_call"):
+            value = getattr(self, name)
+            optional = name in ("iw_max_sentences", "iw_sequences_per_call")
+            if (value is None and not optional) or (value is not None and (
+                    not isinstance(value, int) or isinstance(value, bool) or value < 1)):
+                raise ValueError(f"estimators.{name}={value!r} is not accepted; accepted values: an integer >= 1"
+                                 + (" or None" if optional else ""))
 
 
 @dataclass(frozen=True)
@@ -63,10 +77,8 @@ class PretrainedStudySize:
     batch_size: int
     max_train_sentences: int | None
     max_eval_sentences: int | None     # validation and test sentences
-    eval_batch_size: int               # sentences per decoder call in evaluation
-    iw_num_samples: int                # K of the importance-weighted bound
-    iw_max_sentences: int | None
     latent_dim: int
+    estimators: EstimatorSize          # the study's evaluation (tvae_core.evaluation.evaluate_run)
 
 
 RUN_SECTIONS = ("data", "model", "train")   # what a profile sets; the objective is each run's own
@@ -136,7 +148,10 @@ PROFILES: dict[str, Profile] = {
                                num_repeats=2),
         mmm=MixedMembershipSize(samples_per_group=100, num_components=3, num_steps=50, low_rank=2),
         pretrained=PretrainedStudySize(max_steps=2, batch_size=4, max_train_sentences=32, max_eval_sentences=8,
-                                       eval_batch_size=8, iw_num_samples=2, iw_max_sentences=4, latent_dim=8),
+                                       latent_dim=8,
+                                       estimators=EstimatorSize(iw_num_samples=2, iw_max_sentences=4, mmd_num_samples=8,
+                                                                mmd_permutations=20, batch_size=8,
+                                                                iw_sequences_per_call=16)),
         target_rates=(2.0, 4.0),
     ),
     "default": Profile(
@@ -168,8 +183,10 @@ PROFILES: dict[str, Profile] = {
                                 low_rank=4),
         # ~5 s per step, ~2 min per evaluation (the IW bound dominates) on 1 busy CPU thread
         pretrained=PretrainedStudySize(max_steps=150, batch_size=8, max_train_sentences=None,
-                                       max_eval_sentences=200, eval_batch_size=16, iw_num_samples=10,
-                                       iw_max_sentences=50, latent_dim=32),
+                                       max_eval_sentences=200, latent_dim=32,
+                                       estimators=EstimatorSize(iw_num_samples=10, iw_max_sentences=50,
+                                                                mmd_num_samples=200, mmd_permutations=200,
+                                                                batch_size=16, iw_sequences_per_call=60)),
     ),
     "full": Profile(
         name="full",
@@ -190,8 +207,10 @@ PROFILES: dict[str, Profile] = {
         mmm=MixedMembershipSize(samples_per_group=3000, num_components=20, num_steps=2000,
                                 low_rank=8),
         pretrained=PretrainedStudySize(max_steps=20_000, batch_size=32, max_train_sentences=None,
-                                       max_eval_sentences=None, eval_batch_size=32, iw_num_samples=500,
-                                       iw_max_sentences=None, latent_dim=32),
+                                       max_eval_sentences=None, latent_dim=32,
+                                       estimators=EstimatorSize(iw_num_samples=500, iw_max_sentences=None,
+                                                                mmd_num_samples=3000, mmd_permutations=1000,
+                                                                batch_size=32)),
     ),
 }
 

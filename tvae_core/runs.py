@@ -22,12 +22,13 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .build import build_model, load_vocabulary
 from .cache import (DamagedCacheError, non_finite_numbers, non_finite_tensors, publish_dir, remove_dead_leftovers,
-                    set_aside, verify_dir)
-from .cache import write_json_atomic  # noqa: F401  (re-exported: train and evaluation publish with it)
+                    set_aside, staging_path, verify_dir)
 from .config import CACHE_FORMAT_VERSION, RunConfig
 from .data import default_data_dir
 from .device import resolve_device
+from .train import train
 
 log = logging.getLogger(__name__)
 
@@ -184,14 +185,8 @@ def load_run(config: RunConfig, root: str | Path | None = None, device: str | No
 def _load_verified_run(config: RunConfig, path: Path, manifest: dict) -> Run:
     from safetensors.torch import load_model
 
-    from .data import Vocabulary
-    from .train import build_model
-
-    vocab_type = Vocabulary
-    if config.data.tokenizer == "pretrained":  # a Hugging Face tokenizer, its special ids stored alongside
-        from .pretrained import PretrainedVocabulary as vocab_type
     try:
-        vocab = vocab_type.load(path / "tokenizer.json")
+        vocab = load_vocabulary(config, path / "tokenizer.json")
     except Exception as err:
         raise DamagedRunError(f"{path / 'tokenizer.json'}: unreadable ({type(err).__name__}: {err})") from None
     model = build_model(config, vocab)
@@ -224,9 +219,8 @@ def train_or_load(config: RunConfig, root: str | Path | None = None, *, progress
                   device: str | None = None) -> Run:
     """The finished run for ``config``: loaded from the cache (onto ``device``, see
     :func:`load_run`) if a valid entry exists, trained (resuming from its newest complete
-    checkpoint, if any) otherwise. A damaged entry is set aside with one warning and retrained."""
-    from .train import train
-
+    checkpoint, if any) and published otherwise. A damaged entry is set aside with one warning
+    and retrained."""
     path = runs_dir(root) / config.key
     with run_lock(config, root):
         remove_leftovers(config, root)
@@ -237,8 +231,36 @@ def train_or_load(config: RunConfig, root: str | Path | None = None, *, progress
                 return run
             except DamagedRunError as err:
                 quarantine(path, str(err))
-        train(config, root, progress=progress)
+        train_into_cache(config, root, progress=progress)
         return load_run(config, root, device)
+
+
+def train_into_cache(config: RunConfig, root: str | Path | None = None, *, progress: bool = True) -> Path:
+    """Train ``config`` (resuming from ``<root>/<key>.partial/``) into a staging folder of this
+    process and publish it as ``<root>/<key>`` (checksummed, atomic); returns the run folder.
+    Under ``torchrun`` every rank trains and rank 0 publishes; the others wait for it."""
+    root_dir = runs_dir(root)
+    final, partial = root_dir / config.key, root_dir / f"{config.key}.partial"
+    staging = staging_path(final)
+    train(config, staging, partial, progress=progress)
+    if _is_main_process():
+        publish_run_dir(staging, final, config.key)
+        shutil.rmtree(partial, ignore_errors=True)
+        print(f"[tvae] run {config.label or config.key} stored in {final}", flush=True)
+    _wait_for_main_process()
+    return final
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _wait_for_main_process() -> None:
+    """A barrier across a distributed run's processes (none in a single process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def load_run_dir(path: str | Path, device: str | None = None) -> Run:

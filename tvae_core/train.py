@@ -26,16 +26,16 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .build import build_model, training_corpus
 from .cache import (DamagedCacheError, non_finite_numbers, non_finite_tensors, publish_dir, set_aside, staging_path,
-                    verify_dir)
+                    verify_dir, write_json_atomic)
 from .config import (CACHE_FORMAT_VERSION, RunConfig, TrainConfig, corpus_fingerprint, training_code_fingerprint,
                      training_code_version)
-from .data import Corpus, Vocabulary, iterate_batches, load_corpus
+from .data import iterate_batches
 from .device import module_device, move_batch, resolve_device, synchronize
 from .model import TransformerVAE
 from .methods import compute_loss, get_method
 from .objectives import LagrangeMultiplier
-from .runs import publish_run_dir, runs_dir, write_json_atomic
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016): Var_x E_q[z_d] > 0.01
 
@@ -44,41 +44,10 @@ class TrainingDiverged(FloatingPointError):
     """A non-finite value appeared in training; the message names the step and the term."""
 
 
-def build_model(config: RunConfig, vocab: Vocabulary) -> TransformerVAE:
-    if config.model.encoder == "scratch" and config.model.decoder == "scratch":
-        model = TransformerVAE.from_scratch(config.model, vocab.size, pad_id=vocab.pad_id, bos_id=vocab.bos_id,
-                                            eos_id=vocab.eos_id, unk_id=vocab.unk_id,
-                                            max_length=config.data.max_length)
-    else:
-        from .pretrained import build_pretrained_model
-
-        model = build_pretrained_model(config, vocab)
-    if config.train.lm_head_dtype != "float32":
-        if not model.trains_blocked_lm_head:
-            raise ValueError(f"train.lm_head_dtype={config.train.lm_head_dtype!r} needs the blocked LM head "
-                             "(a plain linear head, fuse_lm_head=True); this model trains its head unfused: "
-                             "accepted value here: 'float32'")
-        model.training_lm_head_dtype = getattr(torch, config.train.lm_head_dtype)
-    if config.train.lm_head_kernel == "native":
-        if not model.trains_blocked_lm_head:
-            raise ValueError("train.lm_head_kernel='native' needs the blocked LM head (a plain linear head, "
-                             "fuse_lm_head=True); this model trains its head unfused: accepted value here: 'torch'")
-        model.training_lm_head_native = True
-    return model
-
-
 def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
     """AdamW as one fused kernel over all parameters: on the default VAE (one CPU thread, torch
     profiler) the per-parameter loop took 6.2 ms per step, the fused kernel 1.5 ms."""
     return torch.optim.AdamW(model.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay, fused=True)
-
-
-def load_training_corpus(config: RunConfig) -> Corpus:
-    if config.data.tokenizer == "pretrained":
-        from .pretrained import load_pretrained_corpus
-
-        return load_pretrained_corpus(config)
-    return load_corpus(config.data, seed=config.train.seed)
 
 
 class TrainingModule(nn.Module):
@@ -276,14 +245,17 @@ def _versions() -> dict:
             "transformers": transformers.__version__, "platform": platform.platform()}
 
 
-def train(config: RunConfig, root: str | Path | None = None, *, progress: bool = True) -> Path:
-    """Train ``config`` to completion and publish it in the run cache; returns the run directory.
+def train(config: RunConfig, output_dir: str | Path, checkpoint_dir: str | Path, *, progress: bool = True) -> Path:
+    """Train ``config`` to completion and write the finished run's files into ``output_dir``
+    (created; see :data:`tvae_core.runs.RUN_FILES`); returns it. Publishing it in the run cache
+    is the caller's (:func:`tvae_core.runs.train_or_load`).
 
     Runs on ``train.num_threads`` torch threads (restored afterwards), so the numbers do not
-    depend on how the process was launched. Checkpoints go to ``<root>/<key>.partial/step-<n>/``
-    every ``train.checkpoint_every`` steps (the newest two are kept); a later call resumes from
-    the newest one that verifies. Nothing non-finite is published: a diverged run raises
-    :class:`TrainingDiverged` naming the step and the term.
+    depend on how the process was launched. Checkpoints go to ``checkpoint_dir/step-<n>/`` every
+    ``train.checkpoint_every`` steps (the newest two are kept); a later call resumes from the
+    newest one that verifies. Nothing non-finite is written: a diverged run raises
+    :class:`TrainingDiverged` naming the step and the term. In a distributed run only the main
+    process writes ``output_dir``.
     """
     if config.train.mixed_precision == "fp16" and resolve_device().type != "cuda":
         raise ValueError("train.mixed_precision='fp16' needs a CUDA GPU; accepted values on this machine: "
@@ -293,10 +265,10 @@ def train(config: RunConfig, root: str | Path | None = None, *, progress: bool =
     try:
         for _ in range(_MAX_RESUME_ATTEMPTS):
             try:
-                return _train(config, root, progress=progress)
+                return _train(config, Path(output_dir), Path(checkpoint_dir), progress=progress)
             except _CheckpointUnusable:  # set aside; start again from the next older checkpoint
                 continue
-        return _train(config, root, progress=progress)
+        return _train(config, Path(output_dir), Path(checkpoint_dir), progress=progress)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -304,7 +276,7 @@ def train(config: RunConfig, root: str | Path | None = None, *, progress: bool =
 _MAX_RESUME_ATTEMPTS = 3
 
 
-def _train(config: RunConfig, root: str | Path | None = None, *, progress: bool = True) -> Path:
+def _train(config: RunConfig, output_dir: Path, partial_dir: Path, *, progress: bool = True) -> Path:
     from accelerate import Accelerator
 
     tc, oc = config.train, config.objective
@@ -323,12 +295,8 @@ def _train(config: RunConfig, root: str | Path | None = None, *, progress: bool 
     if tc.batch_size % world:
         raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the number of processes ({world})")
 
-    root_dir = runs_dir(root)
-    final_dir = root_dir / config.key
-    partial_dir = root_dir / f"{config.key}.partial"
-
     torch.manual_seed(tc.seed)
-    corpus = load_training_corpus(config)
+    corpus = training_corpus(config)
     vocab = corpus.vocab
     train_ids, valid_ids = corpus.token_ids("train"), corpus.token_ids("valid")
     vae = build_model(config, vocab)
@@ -441,11 +409,9 @@ def _train(config: RunConfig, root: str | Path | None = None, *, progress: bool 
                 "num_processes": world, "num_threads": torch.get_num_threads(), "versions": _versions(),
                 "corpus_sha256": corpus_fingerprint(config.data), "code_version": training_code_version(),
                 "code_sha256": training_code_fingerprint(), "timing": timer.summary()}
-        _publish_run(config, root_dir, raw_module.vae, vocab, history, final_metrics, meta)
-        shutil.rmtree(partial_dir, ignore_errors=True)
-        accelerator.print(f"[tvae] run {config.label or config.key} stored in {final_dir}")
+        _write_run(output_dir, config, raw_module.vae, vocab, history, final_metrics, meta)
     accelerator.wait_for_everyone()
-    return final_dir
+    return output_dir
 
 
 _AVERAGED = ("rate", "distortion", "elbo", "loss", "free_bits_rate", "mdr_constraint")
@@ -472,24 +438,19 @@ def _check_publishable(step: int, final_metrics: dict, module: nn.Module) -> Non
         raise TrainingDiverged(f"non-finite weights {bad[:3]} after step {step}; lower train.learning_rate")
 
 
-def _publish_run(config: RunConfig, root_dir: Path, vae: TransformerVAE, vocab, history: dict, metrics: dict,
-                 meta: dict) -> Path:
-    """Write the run's files into a staging folder of this process and publish it, checksummed,
-    as ``root_dir/<key>`` (:func:`tvae_core.runs.publish_run_dir`)."""
+def _write_run(output_dir: Path, config: RunConfig, vae: TransformerVAE, vocab, history: dict, metrics: dict,
+               meta: dict) -> None:
+    """The finished run's files (:data:`tvae_core.runs.RUN_FILES`) in the new folder ``output_dir``."""
     from safetensors.torch import save_model
 
-    final_dir = root_dir / config.key
-    staging = staging_path(final_dir)
-    staging.mkdir(parents=True)
+    output_dir.mkdir(parents=True)
     vae.eval()
-    save_model(vae, str(staging / "model.safetensors"))
-    vocab.save(staging / "tokenizer.json")
-    write_json_atomic(staging / "config.json", config.to_dict())
-    write_json_atomic(staging / "history.json", history)
-    write_json_atomic(staging / "metrics.json", metrics)
-    write_json_atomic(staging / "meta.json", meta)
-    publish_run_dir(staging, final_dir, config.key)
-    return final_dir
+    save_model(vae, str(output_dir / "model.safetensors"))
+    vocab.save(output_dir / "tokenizer.json")
+    write_json_atomic(output_dir / "config.json", config.to_dict())
+    write_json_atomic(output_dir / "history.json", history)
+    write_json_atomic(output_dir / "metrics.json", metrics)
+    write_json_atomic(output_dir / "meta.json", meta)
 
 
 CHECKPOINT_FILES = ("module.safetensors", "optimizer.pt", "history.json", "state.json")

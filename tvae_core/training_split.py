@@ -111,7 +111,7 @@ def aggregate_from_posteriors(loc: torch.Tensor, scale: torch.Tensor, *, seed: i
 def training_split_code_version() -> str:
     """Hash of :data:`TRAINING_SPLIT_SOURCES` (ASTs without docstrings, see
     :func:`tvae_core.cache.source_fingerprint`): editing an estimator recomputes these entries."""
-    fingerprint = source_fingerprint(_PACKAGE_DIR / name for name in TRAINING_SPLIT_SOURCES)
+    fingerprint = source_fingerprint((_PACKAGE_DIR / name for name in TRAINING_SPLIT_SOURCES), root=_PACKAGE_DIR)
     return hashlib.sha256(canonical_json(fingerprint).encode()).hexdigest()[:16]
 
 
@@ -122,8 +122,10 @@ def training_split_key(run_key: str, *, split: str = "train", seed: int = 0, max
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def training_split_path(run: Run, **key_args) -> Path:
-    return run.path / f"training-split-aggregate-{training_split_key(run.config.key, **key_args)}.json"
+def training_split_path(run_dir: Path, run_key: str, **key_args) -> Path:
+    """Where the entry of the run ``run_key``, stored in ``run_dir``, lives (``key_args``: those
+    of :func:`training_split_key`)."""
+    return Path(run_dir) / f"training-split-aggregate-{training_split_key(run_key, **key_args)}.json"
 
 
 def _check_result(result: TrainingSplitAggregate) -> None:
@@ -169,7 +171,7 @@ def training_split_aggregate(run: Run, *, split: str = "train", seed: int = 0, m
     if max_sentences is not None and max_sentences < 2:
         raise ValueError(f"max_sentences must be None or >= 2; got {max_sentences}")
     key = training_split_key(run.config.key, split=split, seed=seed, max_sentences=max_sentences)
-    path = training_split_path(run, split=split, seed=seed, max_sentences=max_sentences)
+    path = training_split_path(run.path, run.config.key, split=split, seed=seed, max_sentences=max_sentences)
     expected = {"run_key": run.config.key, "split": split, "seed": seed}
     if path.is_file():
         try:
@@ -177,11 +179,11 @@ def training_split_aggregate(run: Run, *, split: str = "train", seed: int = 0, m
         except DamagedCacheError as err:  # set aside (one warning naming the file), recompute
             set_aside(path, str(err))
 
-    from .evaluation import evaluation_corpus
+    from .build import training_corpus
 
     started = time.time()
     model = run.model.eval()
-    sequences = evaluation_corpus(run).token_ids(split)
+    sequences = training_corpus(run.config).token_ids(split)
     if max_sentences is not None:
         sequences = sequences[:max_sentences]
     params = est.collect_posterior_parameters(

@@ -132,9 +132,9 @@ def _to_device(batch: Mapping[str, torch.Tensor], device) -> dict[str, torch.Ten
 def _device_of(model, device):
     """Where batches go: ``device`` if given, else the model's own device (batches from
     :func:`tvae_core.data.iterate_batches` are built on the CPU)."""
-    if device is not None or not isinstance(model, torch.nn.Module):
+    if device is not None or not hasattr(model, "parameters"):  # a model without parameters: leave batches put
         return device
-    return module_device(model)
+    return module_device(model)  # also a TransformerVAE.at_precision view
 
 
 @dataclass(frozen=True)
