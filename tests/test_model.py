@@ -223,7 +223,7 @@ def test_encoder_depth_is_set_apart_from_the_decoder():
 
 def test_profiles_encoder_depth_reaches_the_runs_but_not_pretrained_ones():
     from tvae_core.experiments import method_config
-    from tvae_core.pretrained import pretrained_study
+    from tvae_core.experiments import pretrained_study
     from tvae_core.profiles import get_profile
 
     assert method_config("VAE", "default").model.encoder_layers == get_profile("default").model.encoder_layers == 1

@@ -427,7 +427,7 @@ def test_shared_encoder_needs_an_encoder_architecture(corpus_file, checkpoints):
 def test_the_pretrained_study_trains_its_unfused_heads_on_the_torch_path_in_every_profile(profile):
     """build_model refuses the compiled kernel and a bfloat16 head for a pretrained decoder's
     unfused head; the default profile's small models use both, so the study must reset them."""
-    from tvae_core.pretrained import pretrained_study
+    from tvae_core.experiments import pretrained_study
 
     for cfg in pretrained_study(profile).values():
         assert (cfg.train.lm_head_kernel, cfg.train.lm_head_dtype) == ("torch", "float32"), cfg.label

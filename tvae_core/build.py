@@ -30,7 +30,7 @@ def training_corpus(config: RunConfig) -> Corpus:
     """The corpus ``config`` trains and is evaluated on (tokenised once and cached on disk):
     PTB in the word vocabulary, or in the pretrained decoder's tokens."""
     if _is_pretrained_corpus(config):
-        from .pretrained import load_pretrained_corpus
+        from .pretrained.corpus import load_pretrained_corpus
 
         return load_pretrained_corpus(config)
     return load_corpus(config.data, seed=config.train.seed)
@@ -39,7 +39,7 @@ def training_corpus(config: RunConfig) -> Corpus:
 def load_vocabulary(config: RunConfig, path: str | Path):
     """The vocabulary a run of ``config`` stored at ``path`` (its ``tokenizer.json``)."""
     if _is_pretrained_corpus(config):  # a Hugging Face tokenizer, its special ids stored alongside
-        from .pretrained import PretrainedVocabulary
+        from .pretrained.vocabulary import PretrainedVocabulary
 
         return PretrainedVocabulary.load(path)
     return Vocabulary.load(path)
@@ -52,7 +52,7 @@ def build_model(config: RunConfig, vocab) -> TransformerVAE:
     head_options = {"training_head_dtype": getattr(torch, config.train.lm_head_dtype),
                     "training_head_native": config.train.lm_head_kernel == "native"}
     if _is_pretrained_model(config):
-        from .pretrained import build_pretrained_model
+        from .pretrained.model import build_pretrained_model
 
         return build_pretrained_model(config, vocab, **head_options)
     return TransformerVAE.from_scratch(config.model, vocab.size, pad_id=vocab.pad_id, bos_id=vocab.bos_id,

@@ -9,6 +9,8 @@ import math
 
 from .config import RunConfig
 from .methods import get_method
+from .pretrained.fine_tuning import pretrained_config
+from .pretrained.weights import DEFAULT_DECODER, DEFAULT_ENCODER
 from .profiles import Profile, get_profile
 
 # the methods of the thesis grid that take a target rate (registry labels), in the book's order
@@ -98,6 +100,30 @@ def collapse_study(profile: str | Profile, word_dropouts=(0.5, 1.0), seed: int =
         cfg = runs["VAE"].replace(model={"word_dropout": rate}, label=f"VAE, word dropout {rate:g}")
         runs[cfg.label] = cfg
     runs["LM"] = method_config("LM", profile, seed=seed)
+    return runs
+
+
+def pretrained_study(profile: str | Profile, seed: int = 0, target_rate: float | None = None,
+                     encoder: str = DEFAULT_ENCODER, decoder: str = DEFAULT_DECODER) -> dict[str, RunConfig]:
+    """The plain VAE, FB and MDR at ``target_rate`` nats (default: the profile's second target
+    rate) with a pretrained encoder and decoder (label -> config), sized by ``Profile.pretrained``
+    (notebook 06; evaluated by :func:`tvae_core.evaluation.evaluate_run` with
+    ``Profile.pretrained.estimators``)."""
+    p = get_profile(profile) if isinstance(profile, str) else profile
+    size = p.pretrained
+    target = target_rate if target_rate is not None else p.target_rates[min(1, len(p.target_rates) - 1)]
+    runs = {}
+    for method, rate in (("VAE", None), ("FB", target), ("MDR", target)):
+        cfg = pretrained_config(method_config(method, p, rate, seed), encoder, decoder)
+        cfg = cfg.replace(
+            data={"max_train_sentences": size.max_train_sentences, "max_eval_sentences": size.max_eval_sentences,
+                  "max_test_sentences": size.max_eval_sentences},
+            model={"latent_dim": size.latent_dim},
+            train={"max_steps": size.max_steps, "batch_size": size.batch_size, "eval_every": size.max_steps,
+                   "checkpoint_every": max(1, min(size.max_steps, 50)),
+                   "lr_warmup_steps": min(100, max(1, size.max_steps // 10))},
+            label=f"{cfg.label} (pretrained)")
+        runs[cfg.label] = cfg
     return runs
 
 

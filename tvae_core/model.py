@@ -19,9 +19,12 @@ code pooled the last padded position, making q(z|x) depend on the batch); ``firs
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
+import json
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -421,16 +424,12 @@ class TransformerVAE(nn.Module):
     PRETRAINED_CONFIG = "config.json"
     PRETRAINED_WEIGHTS = "model.safetensors"
 
-    def save_pretrained(self, directory) -> "Path":
+    def save_pretrained(self, directory) -> Path:
         """Write ``config.json`` (the :class:`~tvae_core.config.ModelConfig`, the special token ids
         and the encoder's and decoder's own Hugging Face configs) and ``model.safetensors`` into
         ``directory``, the layout of ``PreTrainedModel.save_pretrained``; :meth:`from_pretrained`
         reads it back without the run's configuration or the original pretrained weights.
         Returns the directory."""
-        import dataclasses
-        import json
-        from pathlib import Path
-
         from safetensors.torch import save_model
 
         if self.config.encoder == "shared":
@@ -457,9 +456,6 @@ class TransformerVAE(nn.Module):
         """The model :meth:`save_pretrained` wrote to ``directory``, in evaluation mode. The encoder
         and decoder are rebuilt from their stored Hugging Face configs (``AutoModel`` /
         ``AutoModelForCausalLM.from_config``), so no hub access is needed."""
-        import json
-        from pathlib import Path
-
         from safetensors.torch import load_model
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 

@@ -36,13 +36,13 @@ Modules
 -------
 :mod:`~tvae_core.pretrained.weights` (locating, converting and loading weights and tokenizers),
 :mod:`~tvae_core.pretrained.vocabulary`, :mod:`~tvae_core.pretrained.corpus`,
-:mod:`~tvae_core.pretrained.model` (the VAE subclass) and :mod:`~tvae_core.pretrained.study`
-(notebook 06's configs and evaluation). :mod:`tvae_core.build` chooses between them and the
-from-scratch parts for a config.
+:mod:`~tvae_core.pretrained.model` (the VAE subclass) and :mod:`~tvae_core.pretrained.fine_tuning`
+(a run config turned into fine-tuning); :mod:`tvae_core.build` chooses between them and the from-scratch parts for a config, and
+:func:`tvae_core.experiments.pretrained_study` names notebook 06's runs.
 """
 from .corpus import PretrainedCorpus, collate_pairs, encode_for_encoder, load_pretrained_corpus
+from .fine_tuning import pretrained_config
 from .model import PretrainedTransformerVAE, build_pretrained_model, zero_shot_language_model
-from .study import pretrained_config, pretrained_study
 from .vocabulary import PretrainedVocabulary, decoder_vocabulary, needs_encoder_tokenizer
 from .weights import (DEFAULT_DECODER, DEFAULT_ENCODER, PACKAGED_WEIGHTS, PYPI_PREFIX, SCRATCH, SHARED,
                       PackagedWeights, PretrainedWeightsMissing, convert_gguf, load_decoder, load_encoder,
@@ -54,5 +54,5 @@ __all__ = ["DEFAULT_DECODER", "DEFAULT_ENCODER", "PACKAGED_WEIGHTS", "PYPI_PREFI
            "PretrainedVocabulary", "PretrainedWeightsMissing", "build_pretrained_model", "collate_pairs",
            "convert_gguf", "decoder_vocabulary", "encode_for_encoder", "load_decoder",
            "load_encoder", "load_pretrained_corpus", "load_tokenizer", "needs_encoder_tokenizer",
-           "package_directory", "packaged_weights_available", "pretrained_config", "pretrained_study",
+           "package_directory", "packaged_weights_available", "pretrained_config",
            "resolve_pretrained", "shared_bidirectional_encoder", "zero_shot_language_model"]
