@@ -36,8 +36,10 @@ from .lm_head import linear_cross_entropy
 from .protocols import standard_normal_prior
 
 
-def _decoder_geometry(config) -> tuple[int, int, int]:
-    """(num_layers, num_key_value_heads, head_dim) of any HF causal-LM config."""
+def decoder_geometry(config) -> tuple[int, int, int]:
+    """(num_layers, num_key_value_heads, head_dim) of any HF causal-LM config: the shape of the
+    latent's memory slot per layer (grouped-query attention shares a key/value head between several
+    query heads)."""
     num_layers = config.num_hidden_layers
     num_heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
@@ -136,7 +138,7 @@ class TransformerVAE(nn.Module):
                 raise ValueError(f"model.injection={config.injection!r} needs an encoder")
             self.encoder = encoder
             self.posterior_head = nn.Linear(encoder.config.hidden_size, 2 * config.latent_dim)
-        num_layers, kv_heads, head_dim = _decoder_geometry(decoder.config)
+        num_layers, kv_heads, head_dim = decoder_geometry(decoder.config)
         self._kv_shape = (num_layers, 2, kv_heads, head_dim)
         # RoBERTa-family decoders number positions from padding_idx + 1 (pretrained that way)
         self._position_offset = ((decoder.config.pad_token_id or 0) + 1
