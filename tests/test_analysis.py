@@ -133,7 +133,8 @@ def test_multiplier_summary_tells_a_settled_run_from_a_limit_cycle():
                                  target=16.0, window=10, band=0.5)
     assert not cycling.settled and cycling.crossings_of_one == 7
     assert cycling.last_quarter_min == 0.0 and cycling.last_quarter_max == 100.0
-    assert cycling.max_lambda == 2.0 and cycling.final_lambda == 0.0
+    assert cycling.max_lambda == 2.0 and cycling.min_lambda == 0.0 and cycling.final_lambda == 0.0
+    assert cycling.largest_move(0.5) == 1.5 and settled.largest_move(1.0) == pytest.approx(0.01)
     with pytest.raises(ValueError, match="mdr_lambda"):
         multiplier_summary([{"rate": 1.0}] * 8, target=16.0, window=1, band=0.5)
     with pytest.raises(ValueError, match="target"):

@@ -182,3 +182,31 @@ def test_evaluate_caches_the_training_split_and_budget_row_that_the_pages_read(t
     monkeypatch.setattr(budget, "budget_measures", recomputing)
     assert training_split_aggregate(run, seed=cfg.train.seed).run_key == cfg.key
     assert cached_budget_measures(run, "smoke", seed=cfg.train.seed)
+
+
+@pytest.mark.slow
+def test_train_all_sends_each_run_to_a_worker_until_everything_the_pages_read_is_cached(tmp_path):
+    """cli.pending_runs, train-all's decision: an untrained run and a run whose extra measure is
+    missing go to a worker, longest first; a run with its evaluation and every wanted measure
+    cached does not; without --evaluate only the untrained run does."""
+    from tvae_core.cli import main, pending_runs
+
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    done = tiny_config(corpus, "mdr", 2.0, max_steps=4)
+    partly = tiny_config(corpus, "fb", 2.0, max_steps=4)
+    untrained = tiny_config(corpus, "vae", max_steps=6)
+    runs, root = {"done": done, "partly": partly, "untrained": untrained}, tmp_path / "runs"
+    for cfg in (done, partly):
+        path = tmp_path / f"{cfg.key}.json"
+        path.write_text(json.dumps(cfg.to_dict()))
+        assert main(["evaluate", "--config", str(path), "--profile", "smoke", "--runs-dir", str(root), "--quiet",
+                     "--json", "--training-split"]) == 0
+    measures = {done.key: {"training_split"}, partly.key: {"training_split", "budget_row"}}
+    to_do, trained, evaluated = pending_runs(runs, root, "smoke", evaluate=True, measures=measures)
+    assert (trained, evaluated) == ({"done", "partly"}, {"done"})
+    assert list(to_do) == ["untrained", "partly"]            # 6 steps before 4
+    to_do, _, _ = pending_runs(runs, root, "smoke", evaluate=False, measures=measures)
+    assert list(to_do) == ["untrained"]
+    (entry,) = (root / done.key).glob("training-split-aggregate-*.json")
+    entry.unlink()                                            # a measure the pages read is gone
+    assert "done" in pending_runs(runs, root, "smoke", evaluate=True, measures=measures)[0]

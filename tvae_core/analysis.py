@@ -271,6 +271,13 @@ def run_table(runs: Mapping[str, object], evaluations: Mapping[str, object]):
 @dataclass(frozen=True)
 class MultiplierSummary:
     """How an MDR run's multiplier and rate behaved over training (see :func:`multiplier_summary`)."""
+
+    def largest_move(self, lambda_0: float) -> float:
+        """The farthest lambda_t went from its initial value ``lambda_0`` (in the rate's weight
+        1 - lambda, the same distance): near 0, the multiplier is a fixed beta in all but name."""
+        return max(abs(self.max_lambda - lambda_0), abs(self.min_lambda - lambda_0))
+
+    min_lambda: float
     max_lambda: float
     final_lambda: float
     crossings_of_one: int        # sign changes of lambda_t - 1 (rate weight 1 - lambda_t changing sign)
@@ -303,7 +310,7 @@ def multiplier_summary(train_rows: Sequence[Mapping[str, float]], target: float,
     smoothed = smooth(rates, window)
     last_quarter = smoothed[3 * len(smoothed) // 4:]
     return MultiplierSummary(
-        max_lambda=float(lam.max()), final_lambda=float(lam[-1]),
+        min_lambda=float(lam.min()), max_lambda=float(lam.max()), final_lambda=float(lam[-1]),
         crossings_of_one=int(np.sum(np.diff(np.sign(lam - 1.0)) != 0)),
         last_quarter_min=float(last_quarter.min()), last_quarter_max=float(last_quarter.max()),
         settled=bool(np.all(np.abs(last_quarter - target) <= band * target)))

@@ -163,16 +163,46 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def pending_runs(runs: dict, root: Path, profile: str, *, evaluate: bool,
+                 measures: dict[str, set[str]]) -> tuple[dict, set, set]:
+    """``(to_do, trained, evaluated)`` of the book's ``runs`` (label -> config) in the run cache
+    ``root``: a run is trained when its cache entry verifies (a damaged folder is not: the worker
+    sets it aside and retrains it), and evaluated when every cached measure the pages read of it
+    exists (``measures``: run key -> the extra measures beyond the test-split evaluation, from
+    :func:`tvae_core.experiments.training_split_measures`; all of them are verified again on
+    load). ``to_do`` holds the untrained runs and, with ``evaluate``, the unevaluated ones, the
+    longest runs first: the pool's last minutes are then short runs on both cores rather than one
+    long run on one."""
+    from .budget import budget_row_path
+    from .evaluation import evaluation_is_cached
+    from .profiles import get_profile
+    from .runs import is_valid_run
+    from .training_split import training_split_path
+
+    size = get_profile(profile).estimators
+    trained = {label for label, cfg in runs.items() if is_valid_run(cfg, root)}
+
+    def measured(cfg) -> bool:
+        run_dir, wanted = root / cfg.key, measures.get(cfg.key, set())
+        return (evaluation_is_cached(run_dir, cfg.key, size)
+                and ("training_split" not in wanted
+                     or training_split_path(run_dir, cfg.key, seed=cfg.train.seed).is_file())
+                and ("budget_row" not in wanted
+                     or budget_row_path(run_dir, cfg.key, profile, seed=cfg.train.seed).is_file()))
+
+    evaluated = {label for label, cfg in runs.items() if label in trained and measured(cfg)}
+    to_do = {label: cfg for label, cfg in runs.items()
+             if label not in trained or (evaluate and label not in evaluated)}
+    longest_first = sorted(to_do, key=lambda label: -to_do[label].train.max_steps * to_do[label].train.batch_size)
+    return {label: to_do[label] for label in longest_first}, trained, evaluated
+
+
 def cmd_train_all(args) -> int:
     """Train (and, with ``--evaluate``, evaluate) every run of the book for a profile,
     ``--workers`` single-threaded processes at a time (on 2 cores, two 1-thread runs side by side
     beat one 2-thread run)."""
-    from .budget import budget_row_path
-    from .evaluation import evaluation_is_cached
     from .experiments import all_book_runs, training_split_measures
-    from .profiles import get_profile
-    from .runs import is_valid_run, runs_dir
-    from .training_split import training_split_path
+    from .runs import runs_dir
 
     for name in ("workers", "threads"):
         value = getattr(args, name)
@@ -180,22 +210,8 @@ def cmd_train_all(args) -> int:
             raise ValueError(f"--{name} {value} is not accepted; accepted values: an integer >= 1")
     runs = all_book_runs(args.profile, args.seed)
     root = runs_dir(args.runs_dir)
-    size = get_profile(args.profile).estimators
-    # a damaged folder is not a trained run: the worker sets it aside and retrains it
-    trained = {label for label, cfg in runs.items() if is_valid_run(cfg, root)}
     extra = training_split_measures(args.profile, args.seed)
-
-    def measured(cfg) -> bool:
-        """Whether every cached measure the pages read of this run exists (checked again on load)."""
-        run_dir, wanted = root / cfg.key, extra.get(cfg.key, set())
-        return evaluation_is_cached(run_dir, cfg.key, size) and (
-            "training_split" not in wanted or
-            training_split_path(run_dir, cfg.key, seed=cfg.train.seed).is_file()
-        ) and ("budget_row" not in wanted or budget_row_path(run_dir, cfg.key, args.profile, seed=cfg.train.seed).is_file())
-
-    evaluated = {label for label, cfg in runs.items() if label in trained and measured(cfg)}
-    todo = {label: cfg for label, cfg in runs.items()
-            if label not in trained or (args.evaluate and label not in evaluated)}
+    todo, trained, evaluated = pending_runs(runs, root, args.profile, evaluate=args.evaluate, measures=extra)
     print(f"{len(runs)} runs in profile {args.profile!r}; {len(trained)} trained, "
           f"{len(runs) - len(trained)} to train" + (f", {len(evaluated)} evaluated" if args.evaluate else ""),
           flush=True)
@@ -235,29 +251,32 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train one run (or load it from the cache) and print its metrics")
-    train.add_argument("--profile", default="default", choices=PROFILE_NAMES)
-    train.add_argument("--objective", default=None, choices=tuple(METHODS), help="default: vae")
+    # the options that name one run, shared by `train` and `evaluate`
+    run_options = argparse.ArgumentParser(add_help=False)
+    run_options.add_argument("--profile", default="default", choices=PROFILE_NAMES)
+    run_options.add_argument("--objective", default=None, choices=tuple(METHODS), help="default: vae")
     only = {flag: ", ".join(_objectives_reading(flag)) for flag in _OBJECTIVE_FLAGS}
-    train.add_argument("--target-rate", type=float, default=None,
-                       help=f"nats per sentence ({only['target_rate']} only)")
-    train.add_argument("--free-bits-variant", default=None, choices=FREE_BITS_VARIANTS,
-                       help=f"{only['free_bits_variant']} only (default: example_dim)")
-    train.add_argument("--beta", type=float, default=None, help=f"{only['beta']} only (default: 1)")
-    train.add_argument("--injection", default=None, choices=INJECTIONS)
-    train.add_argument("--word-dropout", type=float, default=None)
-    train.add_argument("--max-steps", type=int, default=None)
-    train.add_argument("--mdr-lr", type=float, default=None, help=f"{only['mdr_lr']} only")
-    train.add_argument("--mdr-lambda-init", type=float, default=None, help=f"{only['mdr_lambda_init']} only")
-    train.add_argument("--seed", type=int, default=None, help="default: 0")
-    train.add_argument("--corpus", default=None, metavar="PATH",
-                       help="a local corpus instead of PTB: a text file with one sentence per line (split "
-                            "90/5/5), or a folder with train.txt, valid.txt and test.txt")
-    train.add_argument("--threads", type=int, default=None,
-                       help="torch threads of training (train.num_threads, part of the run; default: 1)")
-    train.add_argument("--config", default=None, help="a RunConfig as JSON (instead of the flags above)")
-    train.add_argument("--runs-dir", default=None)
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    run_options.add_argument("--target-rate", type=float, default=None,
+                             help=f"nats per sentence ({only['target_rate']} only)")
+    run_options.add_argument("--free-bits-variant", default=None, choices=FREE_BITS_VARIANTS,
+                             help=f"{only['free_bits_variant']} only (default: example_dim)")
+    run_options.add_argument("--beta", type=float, default=None, help=f"{only['beta']} only (default: 1)")
+    run_options.add_argument("--injection", default=None, choices=INJECTIONS)
+    run_options.add_argument("--word-dropout", type=float, default=None)
+    run_options.add_argument("--max-steps", type=int, default=None)
+    run_options.add_argument("--mdr-lr", type=float, default=None, help=f"{only['mdr_lr']} only")
+    run_options.add_argument("--mdr-lambda-init", type=float, default=None, help=f"{only['mdr_lambda_init']} only")
+    run_options.add_argument("--seed", type=int, default=None, help="default: 0")
+    run_options.add_argument("--corpus", default=None, metavar="PATH",
+                             help="a local corpus instead of PTB: a text file with one sentence per line (split "
+                                  "90/5/5), or a folder with train.txt, valid.txt and test.txt")
+    run_options.add_argument("--threads", type=int, default=None,
+                             help="torch threads of training (train.num_threads, part of the run; default: 1)")
+    run_options.add_argument("--config", default=None, help="a RunConfig as JSON (instead of the flags above)")
+    run_options.add_argument("--runs-dir", default=None)
+    run_options.add_argument("--quiet", action="store_true", help="no progress bar")
+    train = sub.add_parser("train", parents=[run_options],
+                           help="train one run (or load it from the cache) and print its metrics")
     train.set_defaults(func=cmd_train)
 
     train_all = sub.add_parser("train-all", help="train every run of the book for a profile")
@@ -272,11 +291,8 @@ def main(argv=None) -> int:
                            help="also compute (and cache) each run's held-out evaluation")
     train_all.set_defaults(func=cmd_train_all)
 
-    evaluate = sub.add_parser("evaluate", help="train or load one run, then compute its cached evaluation",
-                              parents=[], add_help=True)
-    for action in train._actions:
-        if action.dest != "help":
-            evaluate._add_action(action)
+    evaluate = sub.add_parser("evaluate", parents=[run_options],
+                              help="train or load one run, then compute its cached evaluation")
     evaluate.add_argument("--json", action="store_true", help="one JSON line instead of the table")
     evaluate.add_argument("--training-split", action="store_true",
                           help="also cache the training split's aggregate MI and marginal KL (notebook 03)")
