@@ -249,12 +249,12 @@ _HIDDEN = {"hide-input", "hide-cell", "remove-input", "remove-cell"}
 
 @pytest.mark.parametrize("path", ALL_SOURCES, ids=lambda p: p.stem)
 def test_pages_hide_bookkeeping_cells_and_give_every_figure_alt_text(path):
-    """glue(...) and assert cells stay in the notebook but are folded or removed on the page; the
+    """glue/publish and assert cells stay in the notebook but are folded or removed on the page; the
     closing checks are removed; every glued figure has alt text (not the image's hash)."""
     nb = nbformat.read(str(path), as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code" and "parameters" not in c.metadata.get("tags", [])]
     for cell in code:
-        if "glue(" in cell.source or "assert " in cell.source:
+        if any(call in cell.source for call in ("glue(", "publish_values(", "publish_figure(", "assert ")):
             assert _HIDDEN & set(cell.metadata.get("tags", [])), f"{path.name}: visible bookkeeping cell:\n{cell.source[:200]}"
     checks = [c for c in code if "assert " in c.source and "solution" not in c.metadata.get("tags", [])]
     assert "remove-cell" in checks[-1].metadata.get("tags", []), f"{path.name}: the closing checks are shown"

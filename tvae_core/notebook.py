@@ -1,4 +1,5 @@
-"""Helpers shared by the notebooks: parameter checking and the run table.
+"""Helpers shared by the notebooks: parameter checking, the targeted methods, and publishing
+results into the page's prose (:func:`publish_values`, :func:`publish_figure`).
 
 Parameters cells are written with annotations (``seed: int = 0  # what it is``), which IPython
 records in the namespace's ``__annotations__``; :func:`check_parameters` checks the values that
@@ -8,6 +9,7 @@ naming the parameter.
 from __future__ import annotations
 
 import typing
+from collections.abc import Mapping
 
 
 def _accepts(expected, value) -> bool:
@@ -109,3 +111,23 @@ def check_parameters(namespace: dict, choices: dict[str, tuple] | None = None) -
         if name in values and values[name] not in accepted:
             raise ValueError(f"parameter {name}={values[name]!r} is not accepted; accepted values: {tuple(accepted)}")
     return values
+
+
+def publish_values(values: Mapping[str, object]) -> None:
+    """Glue every value under its name for ``{glue:text}`` in the page's prose (MyST-NB), without
+    displaying it where the cell ran."""
+    from myst_nb import glue
+
+    for name, value in values.items():
+        glue(name, value, display=False)
+
+
+def publish_figure(name: str, fig) -> None:
+    """Glue ``fig`` under ``name`` for a ``{glue:figure}`` block (the page shows it where the prose
+    places it, with its caption and alt text) and close it, so it is not shown a second time and
+    its memory is freed."""
+    import matplotlib.pyplot as plt
+    from myst_nb import glue
+
+    glue(name, fig, display=False)
+    plt.close(fig)
