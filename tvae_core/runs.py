@@ -114,7 +114,7 @@ def remove_leftovers(config: RunConfig, root: str | Path | None = None) -> None:
 def run_lock(config: RunConfig, root: str | Path | None = None):
     """Hold the key's lock file (``<root>/_locks/<key>.lock``; released by the OS if the process
     dies). Under ``torchrun`` only rank 0 takes it: the other ranks follow rank 0's training."""
-    if os.environ.get("RANK", "0") != "0":
+    if not _is_main_process():
         yield
         return
     folder = runs_dir(root) / "_locks"
