@@ -76,9 +76,10 @@ class AggregatePosteriorTerms:
     dimensionwise_kl_per_dimension: torch.Tensor | None   # [D]
     decomposition_discrepancy: float | None      # marginal_kl - (TC + dimension-wise KL)
     num_points: int                              # N posteriors in the mixture
-    num_samples: int                             # z samples per point (M = num_samples * N)
+    num_samples: int                             # z samples per sampled point (M = num_samples * N_s)
     leave_one_out: bool
     estimator: str                               # a label for tables and plots
+    sampled_points: int | None = None            # N_s points whose z form the Monte Carlo average (None: all N)
 
 
 # ------------------------------------------------------------------------------ kernels
@@ -190,7 +191,7 @@ def _limited(terms: torch.Tensor, ceiling: float, floor: float, tolerance: float
 
 
 def _terms(log_cond, log_prior, log_q, log_q_dims, log_prior_dims, *, num_points, num_samples,
-           leave_one_out, tolerance, estimator, ceiling=None, bias=None):
+           leave_one_out, tolerance, estimator, ceiling=None, bias=None, sampled_points=None):
     """Assemble the result from per-sample log densities (all ``[M]``, or ``[M, D]`` per dimension).
     ``ceiling`` / ``bias`` override log N and the self-term bias directions (for thesis_style)."""
     rate_terms = log_cond - log_prior                                       # [M]
@@ -214,25 +215,37 @@ def _terms(log_cond, log_prior, log_q, log_q_dims, log_prior_dims, *, num_points
         mutual_information=mi, marginal_kl=kl, rate=rate, total_correlation=tc,
         dimensionwise_kl=dimwise, dimensionwise_kl_per_dimension=per_dim,
         decomposition_discrepancy=discrepancy, num_points=num_points, num_samples=num_samples,
-        leave_one_out=leave_one_out, estimator=estimator)
+        leave_one_out=leave_one_out, estimator=estimator, sampled_points=sampled_points)
 
 
 def self_and_leave_one_out_terms(loc: torch.Tensor, scale: torch.Tensor, *, num_samples: int = 1,
                                  generator: torch.Generator | None = None, decompose: bool = False,
                                  ceiling_tolerance: float = 0.1, chunk_size: int | None = None,
-                                 progress: bool = False
+                                 progress: bool = False, sampled_points: int | None = None
                                  ) -> tuple[AggregatePosteriorTerms, AggregatePosteriorTerms]:
     """Both aggregate-posterior estimators from the same samples and the same pass.
 
     Returns ``(self_term_included, leave_one_out)``; see :func:`aggregate_posterior_terms`.
+
+    ``sampled_points`` = N_s < N draws z only for N_s points chosen at random without replacement
+    (``generator``): the outer Monte Carlo average runs over their M = S N_s samples while every
+    log q(z) still mixes all N components. The expectation of each estimate, its bias, the MI
+    ceiling log N and the marginal-KL floor are those of the full estimator; only the Monte Carlo
+    error grows (``standard_error`` ~ 1/sqrt(M)), and the cost falls by N / N_s. None: all N.
     """
     check_loc_scale(loc, scale, min_points=2)
     check_int_at_least("num_samples", num_samples, 1)
     tolerance = check_positive_float("ceiling_tolerance", ceiling_tolerance)
     loc64, scale64 = loc.double(), scale.double()
     num_points, dim = loc64.shape
-    z = sample_aggregate_posterior(loc64, scale64, num_samples, generator).reshape(-1, dim)  # [M, D]
-    point_index = torch.arange(num_points).repeat(num_samples)                               # [M]
+    if sampled_points is None or sampled_points >= num_points:
+        sampled_points, points = None, torch.arange(num_points)
+    else:
+        check_int_at_least("sampled_points", sampled_points, 2)
+        points = torch.randperm(num_points, generator=generator)[:sampled_points].sort().values
+    z = sample_aggregate_posterior(loc64[points], scale64[points], num_samples,
+                                   generator).reshape(-1, dim)                                 # [M, D]
+    point_index = points.repeat(num_samples)                                                   # [M]
     self_dims = _self_log_density(z, loc64, scale64, point_index)                           # [M, D]
     log_cond = self_dims.sum(-1)                                                             # [M]
     log_prior_dims = -0.5 * z.pow(2) - 0.5 * LOG_2PI                                         # [M, D]
@@ -247,19 +260,21 @@ def self_and_leave_one_out_terms(loc: torch.Tensor, scale: torch.Tensor, *, num_
                                                chunk_size=chunk_size, progress=progress)  # [M, D]
         dims_self = torch.logaddexp(others_dims, self_dims) - math.log(num_points)
         dims_loo = others_dims - math.log(num_points - 1)
-    common = dict(num_points=num_points, num_samples=num_samples, tolerance=tolerance)
+    common = dict(num_points=num_points, num_samples=num_samples, tolerance=tolerance,
+                  sampled_points=sampled_points)
+    sizes = f"N={num_points}" + (f", z from {sampled_points} of them" if sampled_points else "")
     with_self = _terms(log_cond, log_prior, log_q_self, dims_self, log_prior_dims,
-                       leave_one_out=False, estimator=f"self term included (N={num_points})", **common)
+                       leave_one_out=False, estimator=f"self term included ({sizes})", **common)
     without = _terms(log_cond, log_prior, log_q_loo, dims_loo, log_prior_dims,
-                     leave_one_out=True, estimator=f"leave-one-out (N={num_points})", **common)
+                     leave_one_out=True, estimator=f"leave-one-out ({sizes})", **common)
     return with_self, without
 
 
 def aggregate_posterior_terms(loc: torch.Tensor, scale: torch.Tensor, *, leave_one_out: bool = False,
                               num_samples: int = 1, generator: torch.Generator | None = None,
                               decompose: bool = False, ceiling_tolerance: float = 0.1,
-                              chunk_size: int | None = None, progress: bool = False
-                              ) -> AggregatePosteriorTerms:
+                              chunk_size: int | None = None, progress: bool = False,
+                              sampled_points: int | None = None) -> AggregatePosteriorTerms:
     """Index-code MI, marginal KL, total correlation and dimension-wise KL of q(z).
 
     Inputs: ``loc``, ``scale`` ``[N, D]`` of q(z|x_n) for N >= 2 held-out sequences (use the whole
@@ -273,10 +288,14 @@ def aggregate_posterior_terms(loc: torch.Tensor, scale: torch.Tensor, *, leave_o
       chunks of CHUNK_ELEMENTS entries (memory stays ~O(CHUNK_ELEMENTS) whatever N is); about
       1 s for N = M = 10,000 on 2 CPU cores. ``decompose=True`` adds TC and dimension-wise KL,
       which need the D one-dimensional marginals q(z_d): D times that cost, hence off by default.
+    * ``sampled_points`` = N_s < N: z from N_s random points only, each log q(z) still over all N
+      components (same expectation, ceiling and floor; Monte Carlo error ~ 1/sqrt(S N_s); cost
+      N_s / N of the full pass). For large N, where the N x N pass dominates.
     """
     with_self, without = self_and_leave_one_out_terms(
         loc, scale, num_samples=num_samples, generator=generator, decompose=decompose,
-        ceiling_tolerance=ceiling_tolerance, chunk_size=chunk_size, progress=progress)
+        ceiling_tolerance=ceiling_tolerance, chunk_size=chunk_size, progress=progress,
+        sampled_points=sampled_points)
     return without if leave_one_out else with_self
 
 
