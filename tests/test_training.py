@@ -201,3 +201,42 @@ def test_a_run_exports_in_the_hugging_face_layout_next_to_its_cache_entry(corpus
         assert torch.equal(model.encode(batch).loc, run.model.encode(batch).loc)
     # the extra folder leaves the cache entry valid
     assert load_run(run.config, tmp_path).metrics == run.metrics
+
+
+def _files(run):
+    return {name: (run.path / name).read_bytes() for name in ("model.safetensors", "history.json", "metrics.json",
+                                                              "config.json", "tokenizer.json")}
+
+
+@pytest.mark.parametrize("objective,target", [("mdr", 2.0), ("fb", 2.0)])
+def test_a_snapshot_of_a_longer_run_is_the_shorter_run_trained_alone(corpus, tmp_path, objective, target):
+    """Training 10 steps with snapshots at 4 (a validation step of both) and 6 (validated only by
+    the 6-step run) publishes runs whose weights, history, metrics and config are byte for byte
+    those of the 4- and 6-step runs trained on their own; the 10-step run is unchanged by them."""
+    base = tiny_config(corpus, objective, target, max_steps=10, checkpoint_every=3)
+    shorter = tuple(base.replace(train={"max_steps": n}, label=f"{base.label} @ {n}") for n in (4, 6))
+    with_snapshots = train_or_load(base, tmp_path / "together", progress=False, snapshots=shorter)
+    for cfg in shorter:
+        snapshot = load_run(cfg, tmp_path / "together")
+        alone = train_or_load(cfg, tmp_path / "alone", progress=False)
+        assert _files(snapshot) == _files(alone), cfg.label
+        assert snapshot.meta["snapshot_of"] == base.key and [v["step"] for v in snapshot.history["valid"]][-1] \
+            == cfg.train.max_steps
+    assert _files(with_snapshots) == _files(train_or_load(base, tmp_path / "plain", progress=False))
+
+
+def test_snapshots_that_are_not_shorter_runs_of_the_config_are_refused(corpus, tmp_path):
+    from tvae_core.train import check_snapshots, is_prefix_of
+
+    base = tiny_config(corpus, "fb", 2.0, max_steps=10)
+    assert is_prefix_of(base.replace(train={"max_steps": 4}, label="x"), base)
+    other_target = base.replace(objective={"target_rate": 3.0}, train={"max_steps": 4})
+    longer = base.replace(train={"max_steps": 12})
+    cyclical = tiny_config(corpus, "cyc_fb", 2.0, max_steps=10)   # beta's cycle length is max_steps / cycles
+    for bad, parent in ((other_target, base), (longer, base), (base, base),
+                        (cyclical.replace(train={"max_steps": 4}), cyclical)):
+        with pytest.raises(ValueError, match="is not a shorter run"):
+            check_snapshots(parent, {bad: tmp_path / "x"})
+    with pytest.raises(ValueError, match="one per step"):
+        check_snapshots(base, {base.replace(train={"max_steps": 4}, label="a"): tmp_path / "a",
+                               base.replace(train={"max_steps": 4}, label="b"): tmp_path / "b"})

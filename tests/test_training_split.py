@@ -236,3 +236,50 @@ def test_train_all_sends_each_run_to_a_worker_until_everything_the_pages_read_is
     (entry,) = (root / done.key).glob("training-split-aggregate-*.json")
     entry.unlink()                                            # a measure the pages read is gone
     assert "done" in pending_runs(runs, root, "smoke", evaluate=True, measures=measures)[0]
+
+
+def test_train_all_trains_each_budget_family_in_one_process_longest_first():
+    """cli.training_groups on the default profile's 33 runs: each budget-study run shorter than
+    its method's longest budget rides with it (FB 32 @ 3000 publishes FB 32 and FB 32 @ 600 on the
+    way), every other run is a group of its own, every run is in exactly one group, and the
+    groups stay longest first."""
+    from tvae_core.cli import training_groups
+    from tvae_core.experiments import all_book_runs
+    from tvae_core.train import is_prefix_of
+
+    runs = all_book_runs("default")
+    to_do = dict(sorted(runs.items(), key=lambda item: -item[1].train.max_steps))
+    groups = training_groups(to_do)
+    assert sorted(label for group in groups for label in group) == sorted(runs)
+    shared = {tuple(group) for group in groups if len(group) > 1}
+    assert shared == {("FB 32 @ 3000", "FB 32", "FB 32 @ 600"), ("MDR 32 @ 3000", "MDR 32", "MDR 32 @ 600"),
+                      ("VAE", "VAE @ 600"), ("AE", "AE @ 600"), ("FB 8", "FB 8 @ 600"), ("MDR 8", "MDR 8 @ 600")}
+    for group in groups:
+        assert all(is_prefix_of(to_do[label], to_do[group[0]]) for label in group[1:])
+    firsts = [to_do[group[0]].train.max_steps for group in groups]
+    assert firsts == sorted(firsts, reverse=True)
+    # a cyclical run passes through no shorter run: its beta's cycle length is max_steps / cycles
+    cyc = runs["CYC-FB 8"]
+    assert not is_prefix_of(cyc.replace(train={"max_steps": 600}, label="x"), cyc)
+
+
+@pytest.mark.slow
+def test_evaluate_with_a_snapshot_trains_once_and_reports_both_runs(tmp_path, capsys):
+    from tvae_core.cli import main
+    from tvae_core.runs import load_run
+
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    long = tiny_config(corpus, "fb", 2.0, max_steps=8)
+    short = long.replace(train={"max_steps": 5}, label="tiny-fb @ 5")
+    paths = []
+    for cfg in (long, short):
+        paths.append(tmp_path / f"{cfg.key}.json")
+        paths[-1].write_text(json.dumps(cfg.to_dict()))
+    root = tmp_path / "runs"
+    assert main(["evaluate", "--config", str(paths[0]), "--snapshot", str(paths[1]), "--profile", "smoke",
+                 "--runs-dir", str(root), "--quiet", "--json", "--training-split"]) == 0
+    reports = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["label"] for r in reports] == ["tiny-fb", "tiny-fb @ 5"]
+    snapshot = load_run(short, root)
+    assert snapshot.meta["snapshot_of"] == long.key and len(snapshot.history["train"]) == 5
+    assert len(list(snapshot.path.glob("training-split-aggregate-*.json"))) == 1

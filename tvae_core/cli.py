@@ -35,14 +35,14 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _read_config_file(path: str) -> RunConfig:
+def _read_config_file(path: str, flag: str = "--config") -> RunConfig:
     file = Path(path)
     if not file.is_file():
-        raise ValueError(f"--config {path}: file not found; accepted values: a RunConfig JSON file")
+        raise ValueError(f"{flag} {path}: file not found; accepted values: a RunConfig JSON file")
     try:
         data = json.loads(file.read_text())
     except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"--config {path}: not valid JSON ({err})") from None
+        raise ValueError(f"{flag} {path}: not valid JSON ({err})") from None
     return RunConfig.from_dict(data)
 
 
@@ -106,10 +106,12 @@ def cmd_train(args) -> int:
     from .runs import train_or_load
 
     cfg = _config_from_args(args)
+    shorter = tuple(_read_config_file(path, "--snapshot") for path in args.snapshot)
     started = time.time()
-    run = train_or_load(cfg, args.runs_dir, progress=not args.quiet)
+    run = train_or_load(cfg, args.runs_dir, progress=not args.quiet, snapshots=shorter)
     print(f"run stored in {run.path} ({time.time() - started:.1f} s)")
-    print(_summary(run))
+    for one in (*(train_or_load(s, args.runs_dir, progress=not args.quiet) for s in shorter), run):
+        print(_summary(one))
     return 0
 
 
@@ -141,25 +143,29 @@ def cmd_evaluate(args) -> int:
     from .runs import train_or_load
 
     cfg = _config_from_args(args)
-    run = train_or_load(cfg, args.runs_dir, progress=not args.quiet)
-    started = time.time()
-    result = evaluate_run(run, get_profile(args.profile).estimators, progress=not args.quiet)
-    if args.training_split:   # the pages' training-split estimates (tvae_core.training_split), cached
-        from .training_split import training_split_aggregate
+    # shorter runs of the same config that training it publishes on the way (tvae_core.train.is_prefix_of)
+    shorter = tuple(_read_config_file(path, "--snapshot") for path in args.snapshot)
+    run = train_or_load(cfg, args.runs_dir, progress=not args.quiet, snapshots=shorter)
+    for one in (run, *(train_or_load(s, args.runs_dir, progress=not args.quiet) for s in shorter)):
+        started = time.time()
+        result = evaluate_run(one, get_profile(args.profile).estimators, progress=not args.quiet)
+        if args.training_split:   # the pages' training-split estimates (tvae_core.training_split), cached
+            from .training_split import training_split_aggregate
 
-        training_split_aggregate(run, seed=cfg.train.seed, progress=not args.quiet)
-    if args.budget_row:       # notebook 07's row (tvae_core.budget), which holds them too
-        from .budget import cached_budget_measures
+            training_split_aggregate(one, seed=one.config.train.seed, progress=not args.quiet)
+        if args.budget_row:       # notebook 07's row (tvae_core.budget), which holds them too
+            from .budget import cached_budget_measures
 
-        cached_budget_measures(run, args.profile, seed=cfg.train.seed, progress=not args.quiet)
-    seconds = time.time() - started
-    if args.json:
-        keys = ("rate", "distortion", "elbo", "iw_log_likelihood", "iw_perplexity", "mutual_information",
-                "marginal_kl", "active_units")
-        print(json.dumps({"label": run.label, "key": run.config.key,
-                          **{k: round(getattr(result, k), 3) for k in keys}, "seconds": round(seconds, 1)}))
-    else:
-        print(evaluation_report(run, result, seconds))
+            cached_budget_measures(one, args.profile, seed=one.config.train.seed, progress=not args.quiet)
+        seconds = time.time() - started
+        if args.json:
+            keys = ("rate", "distortion", "elbo", "iw_log_likelihood", "iw_perplexity", "mutual_information",
+                    "marginal_kl", "active_units")
+            print(json.dumps({"label": one.label, "key": one.config.key,
+                              **{k: round(getattr(result, k), 3) for k in keys}, "seconds": round(seconds, 1)}),
+                  flush=True)
+        else:
+            print(evaluation_report(one, result, seconds))
     return 0
 
 
@@ -197,6 +203,24 @@ def pending_runs(runs: dict, root: Path, profile: str, *, evaluate: bool,
     return {label: to_do[label] for label in longest_first}, trained, evaluated
 
 
+def training_groups(to_do: dict) -> list[list[str]]:
+    """The pending runs (label -> config, longest first) grouped for one process each: a group's
+    first run is the longest, the others are shorter runs it passes through
+    (:func:`tvae_core.train.is_prefix_of`), which training it publishes on the way instead of
+    training each from step 0. A run that no longer pending run passes through is a group of its
+    own. Groups keep the longest-first order."""
+    from .train import is_prefix_of
+
+    groups: list[list[str]] = []
+    for label, cfg in to_do.items():
+        home = next((g for g in groups if is_prefix_of(cfg, to_do[g[0]])), None)
+        if home is None:
+            groups.append([label])
+        else:
+            home.append(label)
+    return groups
+
+
 def cmd_train_all(args) -> int:
     """Train (and, with ``--evaluate``, evaluate) every run of the book for a profile,
     ``--workers`` single-threaded processes at a time (on 2 cores, two 1-thread runs side by side
@@ -219,30 +243,41 @@ def cmd_train_all(args) -> int:
     config_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
 
-    def launch(item):
-        label, cfg = item
-        path = config_dir / f"{cfg.key}.json"
-        path.write_text(json.dumps(cfg.to_dict()))
+    def launch(group):
+        paths = []
+        for label in group:
+            cfg = todo[label]
+            paths.append(config_dir / f"{cfg.key}.json")
+            paths[-1].write_text(json.dumps(cfg.to_dict()))
         command = "evaluate" if args.evaluate else "train"
-        cmd = [sys.executable, "-m", "tvae_core", command, "--config", str(path), "--quiet",
+        cmd = [sys.executable, "-m", "tvae_core", command, "--config", str(paths[0]), "--quiet",
                "--profile", args.profile] + (["--json"] if args.evaluate else [])
-        if args.evaluate:
-            cmd += [f"--{name.replace('_', '-')}" for name in sorted(extra.get(cfg.key, ()))]
+        for path in paths[1:]:
+            cmd += ["--snapshot", str(path)]
+        if args.evaluate:   # every measure any run of the group needs (a budget row holds the training split's)
+            wanted = set().union(*(extra.get(todo[label].key, set()) for label in group))
+            cmd += [f"--{name.replace('_', '-')}" for name in sorted(wanted)]
         if args.runs_dir:
             cmd += ["--runs-dir", str(args.runs_dir)]
         started = time.time()
         result = subprocess.run(cmd, env=env, capture_output=True, text=True)
         seconds = time.time() - started
+        names = " + ".join(group)
         if result.returncode != 0:
-            return label, seconds, f"FAILED (exit {result.returncode}):\n{result.stderr[-3000:]}"
-        return label, seconds, result.stdout.strip().splitlines()[-1]
+            return names, seconds, [f"FAILED (exit {result.returncode}):\n{result.stderr[-3000:]}"]
+        lines = result.stdout.strip().splitlines()
+        reports = [line for line in lines if line.startswith("{")] if args.evaluate else lines[-1:]
+        return names, seconds, reports
 
     failed = 0
     started = time.time()
+    groups = training_groups(todo)
     with ThreadPoolExecutor(max_workers=args.workers) as pool:
-        for label, seconds, outcome in pool.map(launch, todo.items()):
-            failed += outcome.startswith("FAILED")
-            print(f"[{time.time() - started:7.1f} s] {label}: {seconds:.1f} s {outcome}", flush=True)
+        for names, seconds, outcomes in pool.map(launch, groups):
+            failed += any(outcome.startswith("FAILED") for outcome in outcomes)
+            print(f"[{time.time() - started:7.1f} s] {names}: {seconds:.1f} s", flush=True)
+            for outcome in outcomes:
+                print(f"    {outcome}", flush=True)
     return 1 if failed else 0
 
 
@@ -273,6 +308,9 @@ def main(argv=None) -> int:
     run_options.add_argument("--threads", type=int, default=None,
                              help="torch threads of training (train.num_threads, part of the run; default: 1)")
     run_options.add_argument("--config", default=None, help="a RunConfig as JSON (instead of the flags above)")
+    run_options.add_argument("--snapshot", action="append", default=[], metavar="CONFIG",
+                             help="a shorter run of the same config (a RunConfig JSON file; repeatable): "
+                                  "published on the way while training the longer one (and evaluated too)")
     run_options.add_argument("--runs-dir", default=None)
     run_options.add_argument("--quiet", action="store_true", help="no progress bar")
     train = sub.add_parser("train", parents=[run_options],

@@ -137,9 +137,12 @@ def budget_study(profile: str | Profile, seed: int = 0) -> dict[str, RunConfig]:
 
     Every budget uses the same warm-up, at most a tenth of the smallest budget: the learning rate
     is then the same function of the step for all budgets (constant after warm-up) and batches and
-    noise are seeded per step, so a shorter run replays the first steps of a longer one, up to
-    float rounding. Each budget is still its own cached run (the study costs the sum of its
-    budgets per method), and the one at the profile's own budget is the grid's run (same key).
+    noise are seeded per step, so a shorter run replays the first steps of a longer one exactly
+    (:func:`tvae_core.train.is_prefix_of`). Each budget is its own cached run, and the one at the
+    profile's own budget is the grid's run (same key); ``tvae train-all`` trains each method once,
+    to its longest budget, and publishes the shorter budgets on the way (snapshots, byte for byte
+    the runs trained alone: tests/test_training.py), so the study costs its longest budget per
+    method rather than the sum of its budgets.
     """
     p = get_profile(profile) if isinstance(profile, str) else profile
     budgets = p.budget_steps

@@ -216,11 +216,12 @@ def export_pretrained(run: Run, directory: str | Path | None = None) -> Path:
 
 
 def train_or_load(config: RunConfig, root: str | Path | None = None, *, progress: bool = True,
-                  device: str | None = None) -> Run:
+                  device: str | None = None, snapshots: tuple[RunConfig, ...] = ()) -> Run:
     """The finished run for ``config``: loaded from the cache (onto ``device``, see
     :func:`load_run`) if a valid entry exists, trained (resuming from its newest complete
     checkpoint, if any) and published otherwise. A damaged entry is set aside with one warning
-    and retrained."""
+    and retrained. ``snapshots``: shorter runs of ``config`` (:func:`tvae_core.train.is_prefix_of`)
+    that training it publishes on the way, those not cached yet; loading it trains none."""
     path = runs_dir(root) / config.key
     with run_lock(config, root):
         remove_leftovers(config, root)
@@ -231,24 +232,45 @@ def train_or_load(config: RunConfig, root: str | Path | None = None, *, progress
                 return run
             except DamagedRunError as err:
                 quarantine(path, str(err))
-        train_into_cache(config, root, progress=progress)
+        wanted = tuple(s for s in snapshots if not is_valid_run(s, root))
+        train_into_cache(config, root, progress=progress, snapshots=wanted)
         return load_run(config, root, device)
 
 
-def train_into_cache(config: RunConfig, root: str | Path | None = None, *, progress: bool = True) -> Path:
+def train_into_cache(config: RunConfig, root: str | Path | None = None, *, progress: bool = True,
+                     snapshots: tuple[RunConfig, ...] = ()) -> Path:
     """Train ``config`` (resuming from ``<root>/<key>.partial/``) into a staging folder of this
     process and publish it as ``<root>/<key>`` (checksummed, atomic); returns the run folder.
-    Under ``torchrun`` every rank trains and rank 0 publishes; the others wait for it."""
+    Under ``torchrun`` every rank trains and rank 0 publishes; the others wait for it.
+    ``snapshots`` (shorter runs of ``config``) are published the same way, each under its own
+    lock, a damaged entry of one set aside first."""
     root_dir = runs_dir(root)
     final, partial = root_dir / config.key, root_dir / f"{config.key}.partial"
     staging = staging_path(final)
-    train(config, staging, partial, progress=progress)
-    if _is_main_process():
-        publish_run_dir(staging, final, config.key)
-        shutil.rmtree(partial, ignore_errors=True)
-        print(f"[tvae] run {config.label or config.key} stored in {final}", flush=True)
+    folders = {shorter: staging_path(root_dir / shorter.key) for shorter in snapshots}
+    try:
+        train(config, staging, partial, progress=progress, snapshots=folders)
+        if _is_main_process():
+            for shorter, folder in folders.items():
+                if folder.is_dir():   # absent when a resumed run had passed its step
+                    _publish_snapshot(shorter, folder, root)
+            publish_run_dir(staging, final, config.key)
+            shutil.rmtree(partial, ignore_errors=True)
+            print(f"[tvae] run {config.label or config.key} stored in {final}", flush=True)
+    finally:
+        for folder in folders.values():   # a failed run publishes no snapshot
+            shutil.rmtree(folder, ignore_errors=True)
     _wait_for_main_process()
     return final
+
+
+def _publish_snapshot(config: RunConfig, folder: Path, root: str | Path | None) -> None:
+    final = runs_dir(root) / config.key
+    with run_lock(config, root):
+        if final.is_dir() and not is_valid_run(config, root):
+            quarantine(final, "damaged; replaced by a snapshot of a longer run")
+        publish_run_dir(folder, final, config.key)
+        print(f"[tvae] run {config.label or config.key} stored in {final} (a snapshot)", flush=True)
 
 
 def _is_main_process() -> bool:

@@ -2,7 +2,10 @@
 
 Determinism: batches of step ``t`` come from a permutation seeded by ``(seed, epoch)`` and the
 global torch RNG (dropout, z ~ q(z|x), word dropout) is re-seeded from ``(seed, step)`` at every
-step, so a run resumed from a checkpoint replays exactly the steps it would have taken.
+step, so a run resumed from a checkpoint replays exactly the steps it would have taken, and a
+run of N steps passes through the finished state of the same run of n < N steps (when its beta
+does not depend on the number of steps): :func:`train` writes such shorter runs on the way
+(``snapshots``) instead of training each from step 0.
 
 The loop runs under Hugging Face Accelerate (a no-op wrapper on one CPU process), so the same
 code runs with ``accelerate launch --num_processes N``: each process takes an equal slice of the
@@ -245,10 +248,19 @@ def _versions() -> dict:
             "transformers": transformers.__version__, "platform": platform.platform()}
 
 
-def train(config: RunConfig, output_dir: str | Path, checkpoint_dir: str | Path, *, progress: bool = True) -> Path:
+def train(config: RunConfig, output_dir: str | Path, checkpoint_dir: str | Path, *, progress: bool = True,
+          snapshots: dict[RunConfig, str | Path] | None = None) -> Path:
     """Train ``config`` to completion and write the finished run's files into ``output_dir``
     (created; see :data:`tvae_core.runs.RUN_FILES`); returns it. Publishing it in the run cache
     is the caller's (:func:`tvae_core.runs.train_or_load`).
+
+    ``snapshots`` maps shorter runs of the same config (only ``train.max_steps`` and the label
+    differ) to folders: when this run reaches a snapshot's last step, that run's files are
+    written there, exactly the files training it on its own would write (weights, history,
+    validation at its last step, metrics; batches, noise and learning rate depend on the step
+    only). A snapshot whose step a resumed run has already passed is not written. Refused,
+    naming the snapshot, when the configs differ otherwise, when the objective's beta schedule
+    depends on ``max_steps`` (cyclical) or in a distributed run.
 
     Runs on ``train.num_threads`` torch threads (restored afterwards), so the numbers do not
     depend on how the process was launched. Checkpoints go to ``checkpoint_dir/step-<n>/`` every
@@ -260,23 +272,58 @@ def train(config: RunConfig, output_dir: str | Path, checkpoint_dir: str | Path,
     if config.train.mixed_precision == "fp16" and resolve_device().type != "cuda":
         raise ValueError("train.mixed_precision='fp16' needs a CUDA GPU; accepted values on this machine: "
                          "('no', 'bf16')")
+    by_step = check_snapshots(config, snapshots or {})
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(config.train.num_threads)
     try:
         for _ in range(_MAX_RESUME_ATTEMPTS):
             try:
-                return _train(config, Path(output_dir), Path(checkpoint_dir), progress=progress)
+                return _train(config, Path(output_dir), Path(checkpoint_dir), progress=progress, snapshots=by_step)
             except _CheckpointUnusable:  # set aside; start again from the next older checkpoint
                 continue
-        return _train(config, Path(output_dir), Path(checkpoint_dir), progress=progress)
+        return _train(config, Path(output_dir), Path(checkpoint_dir), progress=progress, snapshots=by_step)
     finally:
         torch.set_num_threads(previous_threads)
+
+
+def is_prefix_of(shorter: RunConfig, longer: RunConfig) -> bool:
+    """Whether training ``longer`` passes through ``shorter``'s finished state: the same config
+    but for a smaller ``train.max_steps`` (and the label), under an objective whose beta at
+    every step of ``shorter`` does not depend on ``max_steps``."""
+    from .methods import beta_at
+
+    steps = shorter.train.max_steps
+    if not 1 <= steps < longer.train.max_steps:
+        return False
+    if longer.replace(train={"max_steps": steps}, label=shorter.label) != shorter:
+        return False
+    oc = longer.objective
+    return all(beta_at(t, oc, steps) == beta_at(t, oc, longer.train.max_steps) for t in range(steps))
+
+
+def check_snapshots(config: RunConfig, snapshots: dict) -> dict[int, tuple[RunConfig, Path]]:
+    """The snapshots of :func:`train` by step, or ValueError naming the one refused."""
+    by_step: dict[int, tuple[RunConfig, Path]] = {}
+    if snapshots and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("snapshots are written by single-process training only; accepted values: none "
+                         f"under {os.environ.get('WORLD_SIZE')} processes")
+    for shorter, folder in snapshots.items():
+        if not is_prefix_of(shorter, config):
+            raise ValueError(f"snapshot {shorter.label or shorter.key!r} is not a shorter run of "
+                             f"{config.label or config.key!r}; accepted: the same config with train.max_steps in "
+                             f"1..{config.train.max_steps - 1} (and another label), under an objective whose "
+                             "beta schedule does not depend on max_steps")
+        if shorter.train.max_steps in by_step:
+            raise ValueError(f"two snapshots at step {shorter.train.max_steps}; accepted: one per step")
+        by_step[shorter.train.max_steps] = (shorter, Path(folder))
+    return by_step
 
 
 _MAX_RESUME_ATTEMPTS = 3
 
 
-def _train(config: RunConfig, output_dir: Path, partial_dir: Path, *, progress: bool = True) -> Path:
+def _train(config: RunConfig, output_dir: Path, partial_dir: Path, *, progress: bool = True,
+           snapshots: dict[int, tuple[RunConfig, Path]]) -> Path:
     from accelerate import Accelerator
 
     tc, oc = config.train, config.objective
@@ -375,6 +422,7 @@ def _train(config: RunConfig, output_dir: Path, partial_dir: Path, *, progress: 
         done = step + 1
         evaluate = done % tc.eval_every == 0 or done == tc.max_steps
         checkpoint = done % tc.checkpoint_every == 0 and done < tc.max_steps
+        snapshot = snapshots.get(done)
         if deferred is None:
             diagnostics.update(step=step, grad_norm=float(grad_norm), lr=scheduler.get_last_lr()[0])
             if world > 1:
@@ -382,14 +430,18 @@ def _train(config: RunConfig, output_dir: Path, partial_dir: Path, *, progress: 
             record([diagnostics])
         else:
             deferred.add(step, loss, terms, diagnostics, grad_norm, scheduler.get_last_lr()[0])
-            if len(deferred.pending) >= tc.sync_every or evaluate or checkpoint:
+            if len(deferred.pending) >= tc.sync_every or evaluate or checkpoint or snapshot:
                 record(deferred.read())
-        if evaluate or (checkpoint and accelerator.is_main_process):
+        if evaluate or snapshot or (checkpoint and accelerator.is_main_process):
             with timer.paused():
                 if evaluate:
                     metrics = validation_metrics(raw_module.vae, valid_ids, vocab.pad_id, seed=tc.seed)
                     _check_finite_metrics(done, metrics)
                     history["valid"].append({"step": done, **metrics})
+                    module.train()
+                if snapshot:
+                    _write_snapshot(*snapshot, history, raw_module, vocab, valid_ids, started, timer,
+                                    keep_validation=evaluate, parent_key=config.key, resumed_from_step=start_step)
                     module.train()
                 if checkpoint and accelerator.is_main_process:
                     _save_checkpoint(partial_dir, config.key, done, history, raw_module, optimizer, scheduler,
@@ -398,20 +450,48 @@ def _train(config: RunConfig, output_dir: Path, partial_dir: Path, *, progress: 
     bar.close()
     accelerator.wait_for_everyone()
 
-    final_metrics = dict(history["valid"][-1])
-    if multiplier is not None:
-        final_metrics["mdr_lambda"] = raw_module.multiplier.value.item()
+    final_metrics = _final_metrics(history, raw_module)
     _check_publishable(tc.max_steps, final_metrics, raw_module)
     if accelerator.is_main_process:
-        meta = {"cache_format_version": CACHE_FORMAT_VERSION, "key": config.key, "label": config.label,
-                "train_seconds_this_process": time.time() - started, "resumed_from_step": start_step,
-                "num_parameters": sum(p.numel() for p in raw_module.vae.parameters()),
-                "num_processes": world, "num_threads": torch.get_num_threads(), "versions": _versions(),
-                "corpus_sha256": corpus_fingerprint(config.data), "code_version": training_code_version(),
-                "code_sha256": training_code_fingerprint(), "timing": timer.summary()}
+        meta = _meta(config, raw_module, started, timer, resumed_from_step=start_step, num_processes=world)
         _write_run(output_dir, config, raw_module.vae, vocab, history, final_metrics, meta)
     accelerator.wait_for_everyone()
     return output_dir
+
+
+def _final_metrics(history: dict, module: TrainingModule) -> dict:
+    metrics = dict(history["valid"][-1])
+    if module.multiplier is not None:
+        metrics["mdr_lambda"] = module.multiplier.value.item()
+    return metrics
+
+
+def _meta(config: RunConfig, module: TrainingModule, started: float, timer: StepTimer, **extra) -> dict:
+    return {"cache_format_version": CACHE_FORMAT_VERSION, "key": config.key, "label": config.label,
+            "train_seconds_this_process": time.time() - started, **extra,
+            "num_parameters": sum(p.numel() for p in module.vae.parameters()),
+            "num_threads": torch.get_num_threads(), "versions": _versions(),
+            "corpus_sha256": corpus_fingerprint(config.data), "code_version": training_code_version(),
+            "code_sha256": training_code_fingerprint(), "timing": timer.summary()}
+
+
+def _write_snapshot(config: RunConfig, folder: Path, history: dict, module: TrainingModule, vocab, valid_ids,
+                    started: float, timer: StepTimer, *, keep_validation: bool, parent_key: str,
+                    resumed_from_step: int) -> None:
+    """Write the run ``config`` (a shorter run of the one in training, now at its last step) into
+    ``folder``: its history is this run's so far, with the validation at its last step that
+    training it alone would have added (computed here when this run does not validate then)."""
+    steps = config.train.max_steps
+    own = {"train": list(history["train"]), "valid": [v for v in history["valid"] if v["step"] <= steps]}
+    if not keep_validation:
+        metrics = validation_metrics(module.vae, valid_ids, vocab.pad_id, seed=config.train.seed)
+        _check_finite_metrics(steps, metrics)
+        own["valid"].append({"step": steps, **metrics})
+    final_metrics = _final_metrics(own, module)
+    _check_publishable(steps, final_metrics, module)
+    meta = _meta(config, module, started, timer, resumed_from_step=resumed_from_step, num_processes=1,
+                 snapshot_of=parent_key)
+    _write_run(folder, config, module.vae, vocab, own, final_metrics, meta)
 
 
 _AVERAGED = ("rate", "distortion", "elbo", "loss", "free_bits_rate", "mdr_constraint")
