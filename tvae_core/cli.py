@@ -103,16 +103,23 @@ def _summary(run) -> str:
 
 
 def cmd_train(args) -> int:
+    started = time.time()
+    run, *shorter = _runs_of(args)
+    print(f"run stored in {run.path} ({time.time() - started:.1f} s)")
+    for one in (*shorter, run):
+        print(_summary(one))
+    return 0
+
+
+def _runs_of(args) -> list:
+    """The run the flags name and its ``--snapshot`` runs, trained (the shorter ones published on
+    the way, :func:`tvae_core.train.is_prefix_of`) or loaded from the cache: the named run first."""
     from .runs import train_or_load
 
     cfg = _config_from_args(args)
     shorter = tuple(_read_config_file(path, "--snapshot") for path in args.snapshot)
-    started = time.time()
     run = train_or_load(cfg, args.runs_dir, progress=not args.quiet, snapshots=shorter)
-    print(f"run stored in {run.path} ({time.time() - started:.1f} s)")
-    for one in (*(train_or_load(s, args.runs_dir, progress=not args.quiet) for s in shorter), run):
-        print(_summary(one))
-    return 0
+    return [run, *(train_or_load(s, args.runs_dir, progress=not args.quiet) for s in shorter)]
 
 
 def evaluation_report(run, result, seconds: float) -> str:
@@ -140,15 +147,11 @@ def evaluation_report(run, result, seconds: float) -> str:
 def cmd_evaluate(args) -> int:
     from .evaluation import evaluate_run
     from .profiles import get_profile
-    from .runs import train_or_load
 
-    cfg = _config_from_args(args)
-    # shorter runs of the same config that training it publishes on the way (tvae_core.train.is_prefix_of)
-    shorter = tuple(_read_config_file(path, "--snapshot") for path in args.snapshot)
-    run = train_or_load(cfg, args.runs_dir, progress=not args.quiet, snapshots=shorter)
-    for one in (run, *(train_or_load(s, args.runs_dir, progress=not args.quiet) for s in shorter)):
+    size = get_profile(args.profile).estimators
+    for one in _runs_of(args):
         started = time.time()
-        result = evaluate_run(one, get_profile(args.profile).estimators, progress=not args.quiet)
+        result = evaluate_run(one, size, progress=not args.quiet)
         if args.training_split:   # the pages' training-split estimates (tvae_core.training_split), cached
             from .training_split import training_split_aggregate
 
