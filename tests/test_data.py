@@ -60,6 +60,21 @@ def test_local_text_corpus_is_split_and_cached(tmp_path):
     assert again.token_ids("test") == corpus.token_ids("test")
 
 
+def test_corpus_columns_are_python_lists_read_once(tmp_path):
+    # a lazy datasets.Column decodes an Arrow row per item read; batching reads every sentence twice
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(f"sentence {'x ' * (i % 5)}{i}" for i in range(100)))
+    corpus = load_corpus(DataConfig(source="text", path=str(path), vocab_size=20), cache_dir=tmp_path / "cache")
+    ids, text = corpus.token_ids("train"), corpus.sentences("train")
+    assert type(ids) is list and all(type(row) is list for row in ids) and type(text) is list
+    assert ids == [list(row) for row in corpus.splits["train"]["input_ids"]]
+    assert text == list(corpus.splits["train"]["text"])
+    assert corpus.token_ids("train") is ids            # read once per split
+    # a dataset with an indices mapping (select) is read through it
+    corpus.splits["valid"] = corpus.splits["train"].select([7, 3])
+    assert corpus.token_ids("valid") == [ids[7], ids[3]]
+
+
 def test_damaged_corpus_cache_is_rebuilt(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text("\n".join(f"word {i}" for i in range(40)))

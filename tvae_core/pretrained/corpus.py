@@ -53,7 +53,7 @@ class PretrainedCorpus(Corpus):
     def encoder_token_ids(self, split: str) -> list[list[int]] | None:
         if "encoder_input_ids" not in self.splits[split].column_names:
             return None
-        return self.splits[split]["encoder_input_ids"]
+        return self._column(split, "encoder_input_ids")
 
     def batches(self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
                 bucket: bool = True):
