@@ -39,7 +39,8 @@ from tqdm import tqdm
 from ._checks import check_finite, check_int_at_least, check_loc_scale, check_positive_float
 from .bounds import LOG_2PI, PosteriorParameters, _device_of, _iterate, _to_device, standard_normal
 
-CHUNK_ELEMENTS = 2 ** 24   # float64 entries per chunk (128 MB): bounds memory whatever N is
+CHUNK_ELEMENTS = 2 ** 22   # float64 entries per chunk (32 MB): bounds memory whatever N is; a chunk
+# at most the allocator's mmap threshold (tvae_core.allocator) is reused, not page-faulted in afresh
 
 
 @dataclass(frozen=True)
@@ -125,15 +126,19 @@ def _log_sum_exp_over_points(z, point_index, loc, scale, *, per_dimension: bool,
     if not per_dimension:                                                  # sum over dimensions
         features = features.permute(1, 0, 2).reshape(num_rows, 3 * dim)    # [M, 3D]
         weights = weights.reshape(3 * dim, num_points)                     # [3D, N]
+    # one buffer for every chunk: a fresh chunk-sized tensor per chunk is fresh memory to fault in
+    buffer = torch.empty(min(step, num_rows) * row_elements, dtype=features.dtype, device=features.device)
     out = []
     starts = range(0, num_rows, step)
     for start in tqdm(starts, disable=not progress, leave=False,
                       desc="log q(z_d)" if per_dimension else "log q(z)"):
         stop = min(start + step, num_rows)
         if per_dimension:
-            log_dens = torch.bmm(features[:, start:stop], weights)         # [D, c, N]
+            log_dens = buffer[:dim * (stop - start) * num_points].view(dim, stop - start, num_points)
+            torch.bmm(features[:, start:stop], weights, out=log_dens)      # [D, c, N]
         else:
-            log_dens = features[start:stop] @ weights                      # [c, N]
+            log_dens = buffer[:(stop - start) * num_points].view(stop - start, num_points)
+            torch.mm(features[start:stop], weights, out=log_dens)          # [c, N]
         if point_index is not None:
             rows = torch.arange(stop - start)
             log_dens[..., rows, point_index[start:stop]] = -math.inf       # drop the self term
