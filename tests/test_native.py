@@ -215,6 +215,36 @@ def test_native_training_head_matches_the_torch_path_in_values_and_gradients(row
 
 
 @needs_kernel
+@pytest.mark.parametrize("rows", [1, 64, 150])
+def test_kept_logits_give_the_recomputed_gradients_bit_for_bit(rows):
+    """The training head keeps each block's logits from the forward pass instead of recomputing
+    them: the same numbers exactly (the same matmul on the same operands); the kept blocks are
+    consumed, so a second backward through the graph recomputes and still agrees."""
+    h, w, t = _case(rows)
+    hb, wb, exact = h.bfloat16(), w.bfloat16(), _exact_target_logits(h, w, None, t)
+    g = torch.rand(rows, generator=torch.Generator().manual_seed(2))
+    nll, logits = native.lm_head_nll_keeping_logits(hb, wb, t, exact)
+    assert torch.equal(nll, native.lm_head_nll(hb, wb, t, exact))
+    assert len(logits) == -(-rows // logits[0].shape[1]) and logits[0].shape[0] == w.shape[0]
+    recomputed = native.lm_head_nll_backward(hb, wb, t, exact, nll + exact, g)
+    kept = native.lm_head_nll_backward(hb, wb, t, exact, nll + exact, g, logits)
+    for a, b in zip(kept, recomputed):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="logits must be empty or"):
+        native.lm_head_nll_backward(hb, wb, t, exact, nll + exact, g, logits + logits)
+
+    hidden, weight = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = (linear_cross_entropy(hidden, weight, None, t, compute_dtype=torch.bfloat16,
+                                 native_training=True) * g).sum()
+    loss.backward(retain_graph=True)
+    first = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad, weight.grad = None, None
+    loss.backward()
+    assert torch.equal(hidden.grad, first[0]) and torch.equal(weight.grad, first[1])
+    assert torch.equal(first[0], recomputed[0]) and torch.equal(first[1], recomputed[1])
+
+
+@needs_kernel
 def test_native_training_head_applies_only_where_it_can():
     """A biased head, a float32 head and gradient-free calls keep their paths."""
     h, w, t = _case(30)

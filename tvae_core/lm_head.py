@@ -134,9 +134,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
 class _NativeLinearCrossEntropy(torch.autograd.Function):
     """The training head by the compiled kernels (``TrainConfig.lm_head_kernel="native"``): a
     bias-free head in bfloat16 on the CPU. The forward pass is :func:`tvae_core.native.lm_head_nll`
-    (one sweep per block for the log-sum-exp) and keeps each row's log-sum-exp; the backward pass,
-    :func:`tvae_core.native.lm_head_nll_backward`, recomputes each block's logits and turns them
-    into the scaled gradient in one sweep, with no max or sum taken again. The torch path takes
+    (one sweep per block for the log-sum-exp) and keeps each row's log-sum-exp and each block's
+    bfloat16 logits (2 bytes per row and word: ~14 MB for a default batch); the backward pass,
+    :func:`tvae_core.native.lm_head_nll_backward`, turns those logits into the scaled gradient in
+    place, in one sweep, with no max or sum taken again (a second backward through the same graph
+    recomputes them: the first one overwrote them). The torch path takes
     several passes over each ``[rows, V]`` block in both directions (convert, log-softmax or
     softmax, scale, round); those passes, not the matmuls, were most of the head's time (torch
     profiler, one thread). Same values and gradients as :class:`_LinearCrossEntropy` to float
@@ -147,7 +149,7 @@ class _NativeLinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             h, w = hidden.to(torch.bfloat16), weight.to(torch.bfloat16)
             exact_target = _exact_target_logits(hidden, weight, None, targets)  # [M] float32
-            nll = native.lm_head_nll(h, w, targets, exact_target)
+            nll, ctx.logits = native.lm_head_nll_keeping_logits(h, w, targets, exact_target)
         ctx.save_for_backward(h, w, targets, exact_target, nll + exact_target)
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         return nll
@@ -155,7 +157,8 @@ class _NativeLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_nll):
         h, w, targets, exact_target, lse = ctx.saved_tensors
-        grad_h, grad_w = native.lm_head_nll_backward(h, w, targets, exact_target, lse, grad_nll)
+        logits, ctx.logits = ctx.logits, None  # consumed: overwritten with the gradient
+        grad_h, grad_w = native.lm_head_nll_backward(h, w, targets, exact_target, lse, grad_nll, logits)
         return grad_h.to(ctx.hidden_dtype), grad_w.to(ctx.weight_dtype), None
 
 

@@ -149,20 +149,37 @@ def lm_head_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     return module.lm_head_nll(hidden, weight, targets, target_logits)
 
 
+def lm_head_nll_keeping_logits(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                               target_logits: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """:func:`lm_head_nll` (same arguments, same values) and each block's bfloat16 logits
+    ``[V, 64]`` (``[V, 32]`` with AVX2), the matmul's own output, for
+    :func:`lm_head_nll_backward`: the training head's forward pass, so that its backward pass
+    does not compute the same matmul again. Holds ``2 V`` bytes per row until then."""
+    module = _module()
+    if module is None:
+        raise RuntimeError("tvae_core.native is not available (see the warning when it was loaded, "
+                           f"or {DISABLE_VARIABLE}=0)")
+    nll, *logits = module.lm_head_nll_blocks(hidden, weight, targets, target_logits, True)
+    return nll, logits
+
+
 def lm_head_nll_backward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          target_logits: torch.Tensor, lse: torch.Tensor,
-                         grad_nll: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                         grad_nll: torch.Tensor, logits: list[torch.Tensor] | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients ``(d/dhidden [M, H], d/dweight [V, H])``, float32, of ``sum_m grad_nll_m nll_m`` for
     the head of :func:`lm_head_nll` (same arguments), given each row's log-sum-exp ``lse`` [M]
     (float32; ``nll + target_logits``) from the forward pass. Per block of rows: the logits
     recomputed (bfloat16 matmul), ``(softmax - onehot) * grad_nll`` in one sweep with the same
     exponential as :func:`lm_head_nll`, rounded to bfloat16 for the two gradient matmuls; the
     weight gradient summed over blocks in float32, as :mod:`tvae_core.lm_head`'s torch path does.
+    ``logits``: the blocks kept by :func:`lm_head_nll_keeping_logits` for these same arguments,
+    used instead of recomputing them (the same numbers) and **overwritten** with the gradient.
     Raises if :func:`available` is False."""
     module = _module()
     if module is None:
         raise RuntimeError("tvae_core.native is not available (see the warning when it was loaded, "
                            f"or {DISABLE_VARIABLE}=0)")
     grad_hidden, grad_weight = module.lm_head_nll_backward(hidden, weight, targets, target_logits, lse,
-                                                           grad_nll.float())
+                                                           grad_nll.float(), logits or [])
     return grad_hidden, grad_weight
