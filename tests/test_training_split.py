@@ -283,3 +283,36 @@ def test_evaluate_with_a_snapshot_trains_once_and_reports_both_runs(tmp_path, ca
     snapshot = load_run(short, root)
     assert snapshot.meta["snapshot_of"] == long.key and len(snapshot.history["train"]) == 5
     assert len(list(snapshot.path.glob("training-split-aggregate-*.json"))) == 1
+
+
+@pytest.mark.slow
+def test_train_all_trains_and_measures_every_book_run_in_two_persistent_workers(tmp_path, capsys, monkeypatch):
+    """`tvae train-all --evaluate` end to end on the smoke profile: two worker processes, each
+    kept for all its groups, leave every book run trained, evaluated and measured (nothing left
+    pending), one report line per run and no failure; run again, it has nothing to do."""
+    from tvae_core.cli import main, pending_runs
+    from tvae_core.experiments import all_book_runs, training_split_measures
+
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # train-all sets them for its workers
+        monkeypatch.setenv(name, "1")
+    argv = ["train-all", "--profile", "smoke", "--workers", "2", "--evaluate", "--runs-dir", str(tmp_path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    runs = all_book_runs("smoke")
+    to_do, trained, evaluated = pending_runs(runs, tmp_path, "smoke", evaluate=True,
+                                             measures=training_split_measures("smoke"))
+    assert not to_do and trained == evaluated == set(runs)
+    assert out.count('{"label": ') == len(runs) and "FAILED" not in out
+    assert main(argv) == 0
+    assert f"{len(runs)} trained, 0 to train, {len(runs)} evaluated" in capsys.readouterr().out
+
+
+def test_a_worker_reports_exit_status_and_output_of_a_failing_command(tmp_path):
+    """cli.run_in_worker, what train-all's workers run per group: a bad parameter is exit status 2
+    with the one-line message on its stderr; nothing escapes to the caller."""
+    from tvae_core.cli import run_in_worker
+
+    code, out, err = run_in_worker(["train", "--config", str(tmp_path / "missing.json"), "--quiet"])
+    assert code == 2 and out == "" and "error:" in err and "missing.json" in err
+    code, _, err = run_in_worker(["train", "--no-such-option"])
+    assert code == 2 and "unrecognized arguments" in err

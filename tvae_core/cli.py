@@ -8,10 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
+import multiprocessing
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from .allocator import keep_freed_memory
@@ -244,7 +245,9 @@ def cmd_train_all(args) -> int:
           flush=True)
     config_dir = root / "_pending"
     config_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    # inherited by the worker processes, which import torch after they start
+    os.environ.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    local, workers = threading.local(), []
 
     def launch(group):
         paths = []
@@ -253,7 +256,7 @@ def cmd_train_all(args) -> int:
             paths.append(config_dir / f"{cfg.key}.json")
             paths[-1].write_text(json.dumps(cfg.to_dict()))
         command = "evaluate" if args.evaluate else "train"
-        cmd = [sys.executable, "-m", "tvae_core", command, "--config", str(paths[0]), "--quiet",
+        cmd = [command, "--config", str(paths[0]), "--quiet",
                "--profile", args.profile] + (["--json"] if args.evaluate else [])
         for path in paths[1:]:
             cmd += ["--snapshot", str(path)]
@@ -263,25 +266,59 @@ def cmd_train_all(args) -> int:
         if args.runs_dir:
             cmd += ["--runs-dir", str(args.runs_dir)]
         started = time.time()
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        # each pool thread keeps one worker process for all its groups: a process per group paid
+        # ~6 s of imports and loading each time. A worker that dies (a crash, not an exception)
+        # fails its group only; the thread's next group gets a new worker.
+        if getattr(local, "worker", None) is None:
+            local.worker = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+            workers.append(local.worker)
+        try:
+            code, out, err = local.worker.submit(run_in_worker, cmd).result()
+        except BrokenProcessPool as error:
+            local.worker = None
+            code, out, err = -1, "", f"the worker process died: {error}"
         seconds = time.time() - started
         names = " + ".join(group)
-        if result.returncode != 0:
-            return names, seconds, [f"FAILED (exit {result.returncode}):\n{result.stderr[-3000:]}"]
-        lines = result.stdout.strip().splitlines()
+        if code != 0:
+            return names, seconds, [f"FAILED (exit {code}):\n{err[-3000:]}"]
+        lines = out.strip().splitlines()
         reports = [line for line in lines if line.startswith("{")] if args.evaluate else lines[-1:]
         return names, seconds, reports
 
     failed = 0
     started = time.time()
     groups = training_groups(todo)
-    with ThreadPoolExecutor(max_workers=args.workers) as pool:
-        for names, seconds, outcomes in pool.map(launch, groups):
-            failed += any(outcome.startswith("FAILED") for outcome in outcomes)
-            print(f"[{time.time() - started:7.1f} s] {names}: {seconds:.1f} s", flush=True)
-            for outcome in outcomes:
-                print(f"    {outcome}", flush=True)
+    try:
+        with ThreadPoolExecutor(max_workers=args.workers) as pool:
+            for names, seconds, outcomes in pool.map(launch, groups):
+                failed += any(outcome.startswith("FAILED") for outcome in outcomes)
+                print(f"[{time.time() - started:7.1f} s] {names}: {seconds:.1f} s", flush=True)
+                for outcome in outcomes:
+                    print(f"    {outcome}", flush=True)
+    finally:
+        for worker in workers:
+            worker.shutdown()
     return 1 if failed else 0
+
+
+def run_in_worker(argv: list[str]) -> tuple[int, str, str]:
+    """``tvae <argv>`` in this process, as train-all's workers run each group: the exit status
+    and what it printed to stdout and stderr (Python-level output; an exception's traceback goes
+    to stderr, exit status 1)."""
+    import contextlib
+    import io
+    import traceback
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exit_:  # argparse and parser.exit (their message already on stderr)
+            code = exit_.code if isinstance(exit_.code, int) or exit_.code is None else 1
+        except Exception:  # noqa: BLE001 - reported as the group's failure, the other groups go on
+            traceback.print_exc()
+            code = 1
+    return code or 0, out.getvalue(), err.getvalue()
 
 
 def main(argv=None) -> int:
