@@ -266,8 +266,8 @@ def cmd_train_all(args) -> int:
         if args.runs_dir:
             cmd += ["--runs-dir", str(args.runs_dir)]
         started = time.time()
-        # each pool thread keeps one worker process for all its groups: a process per group paid
-        # ~6 s of imports and loading each time. A worker that dies (a crash, not an exception)
+        # each pool thread keeps one worker process for all its groups, so the imports and loading
+        # are paid once per worker, not per group. A worker that dies (a crash, not an exception)
         # fails its group only; the thread's next group gets a new worker.
         if getattr(local, "worker", None) is None:
             local.worker = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))

@@ -252,9 +252,9 @@ class Corpus:
     config: DataConfig
     _columns: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    # `dataset[column]` is a lazy ``datasets.Column``: each item read decodes an Arrow row (~70 us),
-    # so batching an epoch, which reads every sentence twice, took seconds. The columns are read once
-    # into Python lists (tens of milliseconds), kept per split; callers must not modify them.
+    # `dataset[column]` is a lazy ``datasets.Column``: each item read decodes an Arrow row, and
+    # batching an epoch reads every sentence twice. The columns are read once into Python lists,
+    # kept per split; callers must not modify them.
     def sentences(self, split: str) -> list[str]:
         return self._column(split, "text")
 
