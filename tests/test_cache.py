@@ -292,7 +292,7 @@ def test_the_training_code_version_sees_code_but_not_comments(monkeypatch, built
     assert fingerprint(source.replace(anchor, anchor.replace("step,", "step + 1,"))) != original
     cfg = built["cfg"]
     key = cfg.key
-    monkeypatch.setattr(config_module, "training_code_version", lambda: "edited")
+    monkeypatch.setattr(config_module, "training_code_version", lambda native=False: "edited")
     assert cfg.key != key  # an edited compute_loss trains a new run
     assert set(config_module.training_code_fingerprint()) == set(config_module.TRAINING_SOURCES)
     # one entry per file, named by its path in the package: model.py and pretrained/model.py, and
@@ -303,6 +303,29 @@ def test_the_training_code_version_sees_code_but_not_comments(monkeypatch, built
     package = Path(evaluation.__file__).parent
     assert set(fingerprint_of((package / n for n in evaluation.EVALUATION_SOURCES), root=package)) == \
         set(evaluation.EVALUATION_SOURCES)
+
+
+def test_the_compiled_head_is_in_the_key_of_the_runs_that_train_with_it(monkeypatch, built):
+    """An edit of the compiled LM-head kernels (C++ or their Python wrapper) moves the key of every
+    run that trains its head with them and of no other run, and their meta records the files."""
+    from tvae_core import config as config_module
+
+    torch_head = tiny_config(built["corpus"], "vae", max_steps=3)
+    native_head = torch_head.replace(train={"lm_head_dtype": "bfloat16", "lm_head_kernel": "native"})
+    assert not torch_head.trains_native_head and native_head.trains_native_head
+    fingerprint = config_module.training_code_fingerprint
+    assert set(fingerprint(False)) == set(config_module.TRAINING_SOURCES)
+    assert set(fingerprint(True)) == set(config_module.TRAINING_SOURCES + config_module.NATIVE_TRAINING_SOURCES)
+    keys = torch_head.key, native_head.key
+    for name in config_module.NATIVE_TRAINING_SOURCES:
+        edited = {**fingerprint(True), name: "edited"}
+        monkeypatch.setattr(config_module, "training_code_fingerprint",
+                            lambda native=False, edited=edited: edited if native else fingerprint(False))
+        assert torch_head.key == keys[0] and native_head.key != keys[1]
+    monkeypatch.undo()
+    meta = train_module._meta(native_head, train_module.TrainingModule(torch.nn.Linear(1, 1), None),
+                              started=0.0, timer=train_module.StepTimer(torch.device("cpu"), 0, 3))
+    assert set(meta["code_sha256"]) >= set(config_module.NATIVE_TRAINING_SOURCES)
 
 
 @pytest.mark.parametrize("learning_rate", [1e3, 30.0])

@@ -94,7 +94,7 @@ PINNED_KEYS = {
 
 
 def test_every_run_of_the_book_keeps_its_key(monkeypatch):
-    monkeypatch.setattr(config_module, "training_code_version", lambda: "pinned")
+    monkeypatch.setattr(config_module, "training_code_version", lambda native=False: "pinned")
     keys = {f"{profile}|{label}": cfg.key for profile in ("smoke", "default")
             for label, cfg in all_book_runs(profile).items()}
     for method in ("VAE", "AE", "CYC", "FB", "MDR", "CYC-FB", "LM"):

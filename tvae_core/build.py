@@ -50,7 +50,7 @@ def build_model(config: RunConfig, vocab) -> TransformerVAE:
     training-head settings of ``config.train`` (a model whose head cannot take them is refused,
     naming the accepted values)."""
     head_options = {"training_head_dtype": getattr(torch, config.train.lm_head_dtype),
-                    "training_head_native": config.train.lm_head_kernel == "native"}
+                    "training_head_native": config.trains_native_head}
     if _is_pretrained_model(config):
         from .pretrained.model import build_pretrained_model
 

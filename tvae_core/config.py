@@ -42,15 +42,24 @@ TRAINING_SOURCES = ("config.py", "data.py", "build.py", "model.py", "lm_head.py"
                     "pretrained/vocabulary.py", "pretrained/corpus.py", "pretrained/model.py")
 
 
-@functools.lru_cache(maxsize=1)
-def training_code_fingerprint() -> dict[str, str]:
-    """Per-file hashes of :data:`TRAINING_SOURCES` (see :func:`tvae_core.cache.source_fingerprint`)."""
-    return source_fingerprint((_PACKAGE_DIR / name for name in TRAINING_SOURCES), root=_PACKAGE_DIR)
+# The compiled LM-head kernels decide what a run trains to only when it trains its head with them
+# (train.lm_head_kernel="native"), so they are in those runs' keys only: an edited kernel retrains
+# them and leaves the runs on the torch head (the pretrained study's) cached.
+NATIVE_TRAINING_SOURCES = ("native/__init__.py", "native/lm_head_nll.cpp")
 
 
-def training_code_version() -> str:
+@functools.lru_cache(maxsize=2)
+def training_code_fingerprint(native: bool = False) -> dict[str, str]:
+    """Per-file hashes of :data:`TRAINING_SOURCES`, and of :data:`NATIVE_TRAINING_SOURCES` with
+    ``native`` (a run that trains with ``train.lm_head_kernel="native"``; see
+    :func:`tvae_core.cache.source_fingerprint`)."""
+    names = TRAINING_SOURCES + (NATIVE_TRAINING_SOURCES if native else ())
+    return source_fingerprint((_PACKAGE_DIR / name for name in names), root=_PACKAGE_DIR)
+
+
+def training_code_version(native: bool = False) -> str:
     """One hash of :func:`training_code_fingerprint`: part of every run key."""
-    return hashlib.sha256(canonical_json(training_code_fingerprint()).encode()).hexdigest()[:16]
+    return hashlib.sha256(canonical_json(training_code_fingerprint(native)).encode()).hexdigest()[:16]
 
 
 @functools.lru_cache(maxsize=64)
@@ -344,8 +353,13 @@ class RunConfig:
             if config[section][name] == getattr(_SECTIONS[section](), name):
                 config[section].pop(name)
         payload = {"cache_format_version": CACHE_FORMAT_VERSION, "config": config,
-                   "corpus": corpus_fingerprint(self.data), "code": training_code_version()}
+                   "corpus": corpus_fingerprint(self.data), "code": training_code_version(self.trains_native_head)}
         return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:16]
+
+    @property
+    def trains_native_head(self) -> bool:
+        """Whether the run trains its LM head with the compiled kernels (their code is in its key)."""
+        return self.train.lm_head_kernel == "native"
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":

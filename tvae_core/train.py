@@ -471,8 +471,8 @@ def _meta(config: RunConfig, module: TrainingModule, started: float, timer: Step
             "train_seconds_this_process": time.time() - started, **extra,
             "num_parameters": sum(p.numel() for p in module.vae.parameters()),
             "num_threads": torch.get_num_threads(), "versions": _versions(),
-            "corpus_sha256": corpus_fingerprint(config.data), "code_version": training_code_version(),
-            "code_sha256": training_code_fingerprint(), "timing": timer.summary()}
+            "corpus_sha256": corpus_fingerprint(config.data), "code_version": training_code_version(config.trains_native_head),
+            "code_sha256": training_code_fingerprint(config.trains_native_head), "timing": timer.summary()}
 
 
 def _write_snapshot(config: RunConfig, folder: Path, history: dict, module: TrainingModule, vocab, valid_ids,

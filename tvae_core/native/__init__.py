@@ -55,6 +55,15 @@ def _module():
         return _load_module()
 
 
+def _required_module():
+    """The built kernels, or RuntimeError for the callers that have no torch path to fall back on."""
+    module = _module()
+    if module is None:
+        raise RuntimeError("tvae_core.native is not available (see the warning when it was loaded, "
+                           f"or {DISABLE_VARIABLE}=0)")
+    return module
+
+
 def _not_attempted_because() -> str | None:
     """Why no kernel is built in this process (None: it is, or was tried)."""
     capability = torch.backends.cpu.get_cpu_capability()
@@ -142,10 +151,7 @@ def lm_head_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     [M, H] (bfloat16), with ``targets`` [M] (int64) and their exact logits ``target_logits`` [M]
     (float32). Blocks of 64 rows run in parallel on torch's intra-op threads. Raises if
     :func:`available` is False."""
-    module = _module()
-    if module is None:
-        raise RuntimeError("tvae_core.native is not available (see the warning when it was loaded, "
-                           f"or {DISABLE_VARIABLE}=0)")
+    module = _required_module()
     return module.lm_head_nll(hidden, weight, targets, target_logits)
 
 
@@ -155,10 +161,7 @@ def lm_head_nll_keeping_logits(hidden: torch.Tensor, weight: torch.Tensor, targe
     ``[V, 64]`` (``[V, 32]`` with AVX2), the matmul's own output, for
     :func:`lm_head_nll_backward`: the training head's forward pass, so that its backward pass
     does not compute the same matmul again. Holds ``2 V`` bytes per row until then."""
-    module = _module()
-    if module is None:
-        raise RuntimeError("tvae_core.native is not available (see the warning when it was loaded, "
-                           f"or {DISABLE_VARIABLE}=0)")
+    module = _required_module()
     nll, *logits = module.lm_head_nll_blocks(hidden, weight, targets, target_logits, True)
     return nll, logits
 
@@ -176,10 +179,7 @@ def lm_head_nll_backward(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     ``logits``: the blocks kept by :func:`lm_head_nll_keeping_logits` for these same arguments,
     used instead of recomputing them (the same numbers) and **overwritten** with the gradient.
     Raises if :func:`available` is False."""
-    module = _module()
-    if module is None:
-        raise RuntimeError("tvae_core.native is not available (see the warning when it was loaded, "
-                           f"or {DISABLE_VARIABLE}=0)")
+    module = _required_module()
     grad_hidden, grad_weight = module.lm_head_nll_backward(hidden, weight, targets, target_logits, lse,
                                                            grad_nll.float(), logits or [])
     return grad_hidden, grad_weight
