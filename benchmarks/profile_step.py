@@ -9,7 +9,8 @@ synchronisations (``aten::item`` / ``aten::_local_scalar_dense``), and the top o
 time and by call count.
 
 Run: ``.venv/bin/python benchmarks/profile_step.py [--steps 10] [--top 15] [--method VAE LM]
-[--batch-size 32] [--native-head]`` (``--native-head``: ``train.lm_head_kernel="native"``).
+[--batch-size 32] [--head native]`` (``--head``: ``train.lm_head_kernel``, ``torch`` or ``native``;
+default: the profile's, which is ``native`` for the default profile).
 """
 from __future__ import annotations
 
@@ -97,14 +98,14 @@ def main() -> None:
     parser.add_argument("--profile", default="default")
     parser.add_argument("--method", nargs="+", default=["VAE", "LM"])
     parser.add_argument("--batch-size", type=int, default=None, help="None: the profile's")
-    parser.add_argument("--native-head", action="store_true")
+    parser.add_argument("--head", choices=("torch", "native"), help="None: the profile's")
     args = parser.parse_args()
     torch.set_num_threads(1)
     changes = {}
     if args.batch_size:
         changes["batch_size"] = args.batch_size
-    if args.native_head:
-        changes["lm_head_kernel"] = "native"
+    if args.head:
+        changes["lm_head_kernel"] = args.head
     for method in args.method:
         profile_method(method, args.profile, args.steps, args.top, changes)
 
