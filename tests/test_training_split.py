@@ -316,3 +316,21 @@ def test_a_worker_reports_exit_status_and_output_of_a_failing_command(tmp_path):
     assert code == 2 and out == "" and "error:" in err and "missing.json" in err
     code, _, err = run_in_worker(["train", "--no-such-option"])
     assert code == 2 and "unrecognized arguments" in err
+
+
+def test_a_worker_slot_keeps_its_process_and_replaces_one_that_died():
+    """train-all's worker slot: calls run in one process kept between them; a process that dies
+    fails that call only (exit status -1, the reason on stderr) and the next call gets a new one."""
+    import os
+
+    from tvae_core.cli import WorkerSlot
+
+    slot = WorkerSlot()
+    try:
+        first, again = slot.run(os.getpid), slot.run(os.getpid)
+        assert first == again != os.getpid() and slot.started == 1
+        code, out, err = slot.run(os._exit, 3)
+        assert code == -1 and out == "" and "the worker process died" in err
+        assert slot.run(os.getpid) not in (first, os.getpid()) and slot.started == 2
+    finally:
+        slot.close()

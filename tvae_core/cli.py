@@ -247,7 +247,7 @@ def cmd_train_all(args) -> int:
     config_dir.mkdir(parents=True, exist_ok=True)
     # inherited by the worker processes, which import torch after they start
     os.environ.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    local, workers = threading.local(), []
+    local, slots = threading.local(), []
 
     def launch(group):
         paths = []
@@ -266,17 +266,10 @@ def cmd_train_all(args) -> int:
         if args.runs_dir:
             cmd += ["--runs-dir", str(args.runs_dir)]
         started = time.time()
-        # each pool thread keeps one worker process for all its groups, so the imports and loading
-        # are paid once per worker, not per group. A worker that dies (a crash, not an exception)
-        # fails its group only; the thread's next group gets a new worker.
-        if getattr(local, "worker", None) is None:
-            local.worker = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-            workers.append(local.worker)
-        try:
-            code, out, err = local.worker.submit(run_in_worker, cmd).result()
-        except BrokenProcessPool as error:
-            local.worker = None
-            code, out, err = -1, "", f"the worker process died: {error}"
+        if getattr(local, "slot", None) is None:
+            local.slot = WorkerSlot()
+            slots.append(local.slot)
+        code, out, err = local.slot.run(run_in_worker, cmd)
         seconds = time.time() - started
         names = " + ".join(group)
         if code != 0:
@@ -296,9 +289,36 @@ def cmd_train_all(args) -> int:
                 for outcome in outcomes:
                     print(f"    {outcome}", flush=True)
     finally:
-        for worker in workers:
-            worker.shutdown()
+        for slot in slots:
+            slot.close()
     return 1 if failed else 0
+
+
+class WorkerSlot:
+    """One spawned worker process kept for every call, so that train-all pays the imports and the
+    loading once per worker, not per group. A worker that dies (a crash, not an exception) fails
+    that call only, as exit status -1 with the reason on its stderr; the next call starts a new
+    one. ``started``: how many processes this slot has started."""
+
+    def __init__(self):
+        self._executor: ProcessPoolExecutor | None = None
+        self.started = 0
+
+    def run(self, function, *args):
+        """``function(*args)`` in the worker process (both picklable)."""
+        if self._executor is None:
+            self._executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+            self.started += 1
+        try:
+            return self._executor.submit(function, *args).result()
+        except BrokenProcessPool as error:
+            self.close()
+            return -1, "", f"the worker process died: {error}"
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown()
+            self._executor = None
 
 
 def run_in_worker(argv: list[str]) -> tuple[int, str, str]:
