@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tvae_core import estimators as est
 from tvae_core.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from tvae_core.data import iterate_batches
 from tvae_core.device import module_device, move_batch, resolve_device
