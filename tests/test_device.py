@@ -145,7 +145,7 @@ def test_generation_moves_a_cpu_latent_to_the_model_and_samples_with_a_cpu_gener
 def test_load_run_puts_the_model_on_the_device_asked_for(tmp_path):
     from tvae_core.runs import load_run, train_or_load
 
-    config = RunConfig(data=DataConfig(vocab_size=50, max_length=16, max_train_sentences=64, max_eval_sentences=16,
+    config = RunConfig(data=DataConfig(vocab_size=50, max_length=64, max_train_sentences=64, max_eval_sentences=16,
                                        max_test_sentences=16),
                        model=ModelConfig(hidden_size=16, num_layers=1, num_heads=2, latent_dim=4),
                        train=TrainConfig(max_steps=2, batch_size=8, eval_every=2, checkpoint_every=2,
