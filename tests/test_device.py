@@ -170,3 +170,22 @@ def test_gpu_check_script_runs_end_to_end_on_the_cpu(tmp_path):
     report = json.loads(out.read_text())
     assert len(report["runs"]) == 6 and all(r["ms_per_step"] > 0 for r in report["runs"])
     assert report["whole_split_iw"]["num_sentences"] > 0 and report["grid"]["runs"] > 0
+
+
+def test_the_gpu_checks_grid_projection_trains_each_group_once():
+    """`make gpu-check` projects the book's grid as train-all trains it: a shorter run of the same
+    config is published on the way by the longer one, so its steps are not counted twice."""
+    import importlib.util
+
+    from tvae_core.experiments import method_config
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    vae = method_config("VAE", "smoke").replace(train={"max_steps": 100})
+    runs = {"VAE @ 40": vae.replace(train={"max_steps": 40}, label="VAE @ 40"), "VAE": vae,
+            "LM": method_config("LM", "smoke").replace(train={"max_steps": 100}),
+            "CYC": method_config("CYC", "smoke").replace(train={"max_steps": 100})}
+    grid = gpu_check.grid_projection(runs, vae_ms=60.0, lm_ms=30.0)
+    assert grid["runs"] == 4 and grid["processes"] == 3 and grid["steps_trained"] == 300
+    assert grid["train_hours"] == pytest.approx((200 * 60.0 + 100 * 30.0) / 1000 / 3600)

@@ -192,14 +192,17 @@ PROFILES: dict[str, Profile] = {
     ),
     "full": Profile(
         name="full",
-        # float32 training: at batch 32 the step is bound by kernel launches, not arithmetic, and
-        # bfloat16 autocast adds a cast per matmul, so on a GPU it trained slower, not faster
-        # (`make gpu-check` times both side by side; benchmarks/README.md). Diagnostics are read
-        # back every 100 steps, so the host never waits on the GPU's queue inside a step
+        # float32 training: bfloat16 autocast trained slower on a GPU, not faster (`make gpu-check`
+        # times both side by side, `make gpu-profile` takes the step apart; benchmarks/README.md),
+        # for reasons not yet profiled on a GPU. Diagnostics are read
+        # back every 100 steps, so the host never waits on the GPU's queue inside a step. 20k steps of
+        # 32 sentences are 15.2 epochs of PTB's 42,068 training sentences: the thesis's PTB runs
+        # trained at most 15 epochs of 72 sentences per step (~8.8k steps;
+        # shared/reference/thesis_code.md, section 2.8)
         run={"data": {"vocab_size": 10_000, "max_length": 64, "max_train_sentences": None,
                       "max_eval_sentences": None, "max_test_sentences": None},
              "model": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "latent_dim": 32},
-             "train": {"max_steps": 60_000, "batch_size": 32, "eval_every": 2_000, "checkpoint_every": 2_000,
+             "train": {"max_steps": 20_000, "batch_size": 32, "eval_every": 2_000, "checkpoint_every": 2_000,
                        "sync_every": 100}},
         estimators=EstimatorSize(iw_num_samples=500, iw_max_sentences=None,
                                  mmd_num_samples=3000,
