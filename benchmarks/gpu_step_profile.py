@@ -26,7 +26,8 @@ the same weights from the same seed on the same batches; dropout noise differs b
 compiled code, so the means agree to noise, not bit for bit), and from a ``torch.profiler``
 window of ``--profile-steps`` further steps: the GPU's kernel time per step and its share of the
 wall time (near 100 %: the arithmetic bounds the step; far below: the GPU waits for the host to
-launch kernels), kernel launches per step, and the kernels that take the most GPU time.
+launch kernels), kernel launches per step, and the kernels that take the most GPU time; and from one more step
+under CUDA's sync debug mode, the host synchronisations per step and the lines that asked for them.
 
 The step is the training loop's (``tvae_core.train``): ``forward_terms``, ``compute_loss`` with
 the method's own state (the MDR multiplier and its optimiser), backward, gradient clipping,
@@ -55,6 +56,7 @@ import platform
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -149,6 +151,22 @@ def _kernel_events(prof) -> list:
     return [e for e in prof.events() if e.device_type == DeviceType.CUDA]
 
 
+def host_syncs(step: "Step", batch: dict, index: int, max_steps: int) -> tuple[int, dict[str, int]]:
+    """Synchronisations with the GPU in one step, and where Python asked for them (file:line ->
+    count), from CUDA's sync debug mode: each one makes the host wait for the GPU's queue to
+    drain, so the host cannot queue the next kernels while the GPU works (a tensor's value read
+    in Python, ``.item()``, a count that sizes a tensor, a copy to pageable memory)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step(batch, index, max_steps)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    return len(syncs), dict(collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in syncs))
+
+
 def measure(cfg, vocab, device, variant: str, warmup: list, timed: list, profiled: list, top: int) -> dict:
     """One variant: warm-up steps, timed steps, profiled steps (see the module docstring)."""
     from torch.profiler import ProfilerActivity, profile
@@ -179,6 +197,8 @@ def measure(cfg, vocab, device, variant: str, warmup: list, timed: list, profile
             for i, batch in enumerate(profiled, start=len(warmup) + len(timed)):
                 step(batch, i, max_steps)
             synchronize(device)
+        syncs, sync_sites = (host_syncs(step, profiled[0], max_steps - 1, max_steps) if device.type == "cuda"
+                             else (None, {}))
     kernels = _kernel_events(prof)
     n = len(profiled)
     kernel_us = sum(e.time_range.elapsed_us() for e in kernels) / n
@@ -196,6 +216,7 @@ def measure(cfg, vocab, device, variant: str, warmup: list, timed: list, profile
             "gpu_busy_share": kernel_us / 1e3 / (1e3 * seconds) if kernels else None,
             "kernels_per_step": len(kernels) / n if kernels else None,
             "top_kernels": [{"name": name[:120], "ms_per_step": us / n / 1e3} for name, us in by_name.most_common(top)],
+            "host_syncs_per_step": syncs, "host_sync_sites": sync_sites,
             "compiled_blocks": step.compiled_blocks, "warmup_steps": len(warmup), "timed_steps": len(timed),
             "warmup_seconds": warmup_seconds}
 
@@ -270,7 +291,7 @@ def main(argv=None) -> int:
         print(f"\n{cfg.label}: batch {size}, padded lengths {lengths}, {len(warmup)} warm-up, {args.steps} timed, "
               f"{args.profile_steps} profiled steps per variant", flush=True)
         print(f"  {'variant':<19}{'ms/step':>9}{'tok/s':>10}{'sent/s':>8}{'GPU busy':>10}{'kernels':>9}"
-              f"{'peak GiB':>10}{'mean loss':>11}{'warm-up s':>11}", flush=True)
+              f"{'syncs':>7}{'peak GiB':>10}{'mean loss':>11}{'warm-up s':>11}", flush=True)
         rows = []
         for variant in args.variants:
             variant_cfg = cfg.replace(train={"lm_head_dtype": "bfloat16"}) if variant == "bf16" else cfg
@@ -289,10 +310,14 @@ def main(argv=None) -> int:
             rows.append(row)
             busy = f"{100 * row['gpu_busy_share']:.0f} %" if row["gpu_busy_share"] is not None else "n/a"
             kernels = f"{row['kernels_per_step']:.0f}" if row["kernels_per_step"] is not None else "n/a"
+            syncs = f"{row['host_syncs_per_step']}" if row["host_syncs_per_step"] is not None else "n/a"
             print(f"  {variant:<19}{row['ms_per_step']:9.1f}{row['tokens_per_second']:10.0f}"
-                  f"{row['sentences_per_second']:8.0f}{busy:>10}{kernels:>9}{row['peak_memory_gib']:10.1f}"
+                  f"{row['sentences_per_second']:8.0f}{busy:>10}{kernels:>9}{syncs:>7}{row['peak_memory_gib']:10.1f}"
                   f"{row['mean_loss']:11.3f}{row['warmup_seconds']:11.0f}", flush=True)
         for row in rows:
+            if row.get("host_sync_sites"):
+                print(f"  {row['variant']}: host synchronisations at "
+                      + ", ".join(f"{site} ({n})" for site, n in row["host_sync_sites"].items()), flush=True)
             if row.get("top_kernels"):
                 print(f"  {row['variant']}: top kernels (ms per step): "
                       + "; ".join(f"{k['name'][:60]} {k['ms_per_step']:.2f}" for k in row["top_kernels"][:5]),

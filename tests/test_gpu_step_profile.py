@@ -10,6 +10,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,24 @@ def test_every_padded_length_is_warmed_up_before_the_timed_steps():
     lengths = [b["input_ids"].shape[1] for b in warmup]
     assert lengths == [7, 7, 7, 8, 8, 8, 15, 15, 15]
     assert warmup[0] is pool[2]  # a spare batch first, the timed batch only when none is spare
+
+
+def test_host_synchronisations_are_counted_by_the_line_that_asked_for_them(monkeypatch):
+    """CUDA's sync debug mode warns once per synchronisation ("called a synchronizing CUDA
+    operation", from the Python line that caused it); the script counts those warnings only, and
+    always switches the mode back."""
+    gp = _script()
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+
+    def step(batch, index, max_steps):
+        for _ in range(2):
+            warnings.warn("called a synchronizing CUDA operation", UserWarning)
+        warnings.warn("an unrelated warning", UserWarning)
+
+    count, sites = gp.host_syncs(step, {}, 0, 1)
+    assert count == 2 and len(sites) == 1 and list(sites.values()) == [2]
+    assert next(iter(sites)).startswith("test_gpu_step_profile.py:") and modes == ["warn", "default"]
 
 
 def test_compiling_a_model_without_transformer_blocks_is_refused():
