@@ -193,12 +193,11 @@ PROFILES: dict[str, Profile] = {
     "full": Profile(
         name="full",
         # float32 training: bfloat16 autocast trained slower on a GPU, not faster (`make gpu-check`
-        # times both side by side, `make gpu-profile` takes the step apart; benchmarks/README.md),
-        # for reasons not yet profiled on a GPU. Diagnostics are read
-        # back every 100 steps, so the host never waits on the GPU's queue inside a step. 20k steps of
-        # 32 sentences are 15.2 epochs of PTB's 42,068 training sentences: the thesis's PTB runs
-        # trained at most 15 epochs of 72 sentences per step (~8.8k steps;
-        # shared/reference/thesis_code.md, section 2.8)
+        # times both side by side, `make gpu-profile` takes the step apart; benchmarks/README.md).
+        # Diagnostics are read back every 100 steps, so this package's code reads no value back
+        # inside a step. 20k steps of 32 sentences are 15.2 epochs of PTB's 42,068 training
+        # sentences: the thesis's PTB runs trained at most 15 epochs of 72 sentences per step
+        # (~8.8k steps; shared/reference/thesis_code.md, section 2.8).
         run={"data": {"vocab_size": 10_000, "max_length": 64, "max_train_sentences": None,
                       "max_eval_sentences": None, "max_test_sentences": None},
              "model": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "latent_dim": 32},
