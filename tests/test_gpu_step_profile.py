@@ -124,7 +124,8 @@ def test_gpu_step_profile_script_runs_on_the_cpu(tmp_path):
 @pytest.mark.slow
 def test_the_gpu_session_script_runs_its_dry_run_and_refuses_unknown_arguments(tmp_path):
     """The shell glue of one lent-GPU call (benchmarks/gpu_session.sh): its import check and the
-    profile's dry run, logs and JSON in $OUT; a wrong argument stops it before any work."""
+    profile's dry run, logs and JSON in $OUT; a wrong argument stops it before any work; a part
+    that runs out of its time says so."""
     script = ROOT / "benchmarks" / "gpu_session.sh"
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "OUT": str(tmp_path), "HOME": str(tmp_path),
            "GPU_WHEELS": str(tmp_path / "no-wheels")}  # this machine's packages, not a lent machine's wheels
@@ -135,3 +136,7 @@ def test_the_gpu_session_script_runs_its_dry_run_and_refuses_unknown_arguments(t
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert "gpu-profile done" in (tmp_path / "gpu_step_profile.log").read_text()
     assert json.loads((tmp_path / "gpu_step_profile.json").read_text())["failed"] == []
+    # a part cut at its own limit exits 4, which the device tool does not mistake for its timeout
+    cut = subprocess.run(["bash", str(script), "--dry-run"], capture_output=True, text=True, cwd=ROOT,
+                         env={**env, "PROFILE_SECONDS": "1"}, timeout=600)
+    assert cut.returncode == 4 and "stopped at its time limit" in cut.stderr
