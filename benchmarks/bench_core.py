@@ -32,6 +32,7 @@ import time
 
 import torch
 
+from bench_steps import training_batches  # noqa: F401  (this script's folder is on sys.path; re-exported)
 from tvae_core.allocator import keep_freed_memory
 from tvae_core import native
 from tvae_core.data import iterate_batches, load_corpus
@@ -54,12 +55,6 @@ def as_before(model):
     for block in model.decoder.transformer.h:
         block.mlp.act = ACT2FN["gelu_new"]
     return model
-
-
-def training_batches(cfg, corpus, steps: int) -> list:
-    """``steps`` shuffled, length-bucketed training batches of the run's batch size."""
-    return list(iterate_batches(corpus.token_ids("train")[: cfg.train.batch_size * steps],
-                                cfg.train.batch_size, corpus.vocab.pad_id, shuffle=True))
 
 
 def training_pass(cfg, model, optimizer, batches) -> torch.Tensor:

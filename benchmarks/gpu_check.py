@@ -110,10 +110,9 @@ def grid_projection(runs: dict, vae_ms: float, lm_ms: float) -> dict:
     """Hours to train ``runs`` (label -> config) one after another at these step times, the way
     ``tvae train-all`` trains them: a shorter run that a longer one passes through is published on
     the way (:func:`tvae_core.cli.training_groups`), so only each group's longest run is trained."""
-    from tvae_core.cli import training_groups
+    from tvae_core.cli import longest_first, training_groups
 
-    longest_first = dict(sorted(runs.items(), key=lambda item: -item[1].train.max_steps))
-    groups = training_groups(longest_first)
+    groups = training_groups(longest_first(runs))
     steps = {"lm": 0, "vae": 0}
     for group in groups:
         cfg = runs[group[0]]

@@ -109,11 +109,12 @@ class Step:
     """One variant's model, method state and optimisers, and its training step."""
 
     def __init__(self, cfg, vocab, device: torch.device, variant: str):
+        from bench_steps import training_step  # this script's folder is on sys.path
         from tvae_core.build import build_model
         from tvae_core.methods import get_method
         from tvae_core.train import make_optimizer
 
-        self.cfg, self.device, self.variant = cfg, device, variant
+        self.cfg, self.device, self.variant, self._training_step = cfg, device, variant, training_step
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg, vocab).to(device).train()
         method = get_method(cfg.objective.name)
@@ -124,24 +125,13 @@ class Step:
         if variant.startswith("compile"):
             mode = "reduce-overhead" if variant == "compile-cudagraphs" else None
             self.compiled_blocks = compile_blocks(self.model, mode)
-        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if variant == "bf16"
-                         else contextlib.nullcontext())
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if variant == "bf16" else None
 
     def __call__(self, batch: dict[str, torch.Tensor], step: int, max_steps: int) -> torch.Tensor:
-        from tvae_core.methods import compute_loss
-
         if self.variant == "compile-cudagraphs":
             torch.compiler.cudagraph_mark_step_begin()
-        with self.autocast:
-            terms = self.model.forward_terms(batch)
-        loss, _ = compute_loss(terms, self.cfg.objective, step, max_steps, self.state, read=False)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.state_optimizer is not None:
-            self.state_optimizer.step()
-            self.state_optimizer.zero_grad(set_to_none=True)
+        loss, _ = self._training_step(self.cfg, self.model, self.optimizer, batch, step, max_steps, state=self.state,
+                                      state_optimizer=self.state_optimizer, autocast=self.autocast, read=False)
         return loss.detach()
 
 
@@ -174,7 +164,7 @@ def measure(cfg, vocab, device, variant: str, warmup: list, timed: list, profile
     from tvae_core.device import synchronize
 
     started = time.perf_counter()
-    precision = "high" if variant != "fp32" and variant != "bf16" else "highest"
+    precision = "highest" if variant in ("fp32", "bf16") else "high"
     with matmul_precision(precision):
         step = Step(cfg, vocab, device, variant)
         max_steps = len(warmup) + len(timed) + len(profiled)
@@ -185,7 +175,6 @@ def measure(cfg, vocab, device, variant: str, warmup: list, timed: list, profile
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         losses = []
-        synchronize(device)
         t0 = time.perf_counter()
         for i, batch in enumerate(timed, start=len(warmup)):
             losses.append(step(batch, i, max_steps))
@@ -258,7 +247,8 @@ def main(argv=None) -> int:
 
     import transformers
 
-    from tvae_core.data import iterate_batches, load_corpus
+    from bench_steps import training_batches  # this script's folder is on sys.path
+    from tvae_core.data import load_corpus
     from tvae_core.device import move_batch
     from tvae_core.experiments import method_config
     from tvae_core.profiles import get_profile
@@ -281,8 +271,7 @@ def main(argv=None) -> int:
         needed = args.steps + args.profile_steps
         size = cfg.train.batch_size
         pool = [pad_to_multiple(move_batch(b, device), args.pad_multiple, corpus.vocab.pad_id)
-                for b in iterate_batches(corpus.token_ids("train")[: size * (needed + 40)], size,
-                                         corpus.vocab.pad_id, shuffle=True, seed=cfg.train.seed)]
+                for b in training_batches(cfg, corpus, needed + 40)]
         if len(pool) < needed + 1:
             raise SystemExit(f"error: the training split gives {len(pool)} batches of {size}; {needed + 1} needed")
         timed, profiled, spare = pool[: args.steps], pool[args.steps: needed], pool[needed:]

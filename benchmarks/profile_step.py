@@ -21,11 +21,10 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench_core import training_batches  # this script's folder is on sys.path
+from bench_steps import training_batches, training_step  # this script's folder is on sys.path
 from tvae_core.allocator import keep_freed_memory
 from tvae_core.data import load_corpus
 from tvae_core.experiments import method_config
-from tvae_core.methods import compute_loss
 from tvae_core.build import build_model
 from tvae_core.train import make_optimizer
 
@@ -33,14 +32,9 @@ keep_freed_memory()   # as the book's training processes do (tvae_core.cli): no 
 
 
 def one_step(cfg, model, optimizer, batch, step, steps, read_diagnostics: bool):
-    terms = model.forward_terms(batch)
-    loss, diagnostics = compute_loss(terms, cfg.objective, step, steps)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+    _, grad_norm = training_step(cfg, model, optimizer, batch, step, steps)
     if read_diagnostics:  # what the training loop reads back every step
         float(grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
 
 
 def profile_method(method: str, profile_name: str, steps: int, top: int, train_changes: dict) -> None:

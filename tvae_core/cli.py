@@ -203,8 +203,13 @@ def pending_runs(runs: dict, root: Path, profile: str, *, evaluate: bool,
     evaluated = {label for label, cfg in runs.items() if label in trained and measured(cfg)}
     to_do = {label: cfg for label, cfg in runs.items()
              if label not in trained or (evaluate and label not in evaluated)}
-    longest_first = sorted(to_do, key=lambda label: -to_do[label].train.max_steps * to_do[label].train.batch_size)
-    return {label: to_do[label] for label in longest_first}, trained, evaluated
+    return longest_first(to_do), trained, evaluated
+
+
+def longest_first(runs: dict) -> dict:
+    """``runs`` (label -> config) ordered by the sentences they train on, most first: the order
+    in which :func:`training_groups` groups them and train-all starts them."""
+    return dict(sorted(runs.items(), key=lambda item: -item[1].train.max_steps * item[1].train.batch_size))
 
 
 def training_groups(to_do: dict) -> list[list[str]]:
