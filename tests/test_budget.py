@@ -200,7 +200,7 @@ def _study_row(objective, target, steps, *, rate, elbo=-100.0, mi=2.0, mi_at_cei
                kl_at_floor=False, recon=0.06, recon_prior=0.03):
     name = {"vae": "VAE", "ae": "AE", "fb": "FB", "mdr": "MDR"}[objective]
     label = f"{name} @ {steps}" if target is None else f"{name} {target:g} @ {steps}"
-    return {"label": label, "objective": objective, "target_rate": target, "steps": steps,
+    return {"label": label, "run_key": f"key of {label}", "objective": objective, "target_rate": target, "steps": steps,
             "test": {"rate": rate, "elbo": elbo},
             "train_split": {"mutual_information": mi, "mutual_information_at_ceiling": mi_at_ceiling,
                             "marginal_kl": kl, "marginal_kl_at_floor": kl_at_floor},
@@ -227,9 +227,12 @@ def test_phenomena_table_judges_each_budget_and_never_compares_bounds():
     def group(kl, se):
         return {"marginal_kl": kl, "marginal_kl_se": se}
 
-    mmm = {100: {"groups": {"FB 8 @ 100": group(4.0, 0.1), "MDR 8 @ 100": group(2.0, 0.1),
-                            "FB 32 @ 100": group(20.0, 0.3), "MDR 32 @ 100": group(20.5, 0.3)}},
-           200: {"groups": {"FB 32 @ 200": group(12.0, 0.4), "MDR 32 @ 200": group(7.0, 0.3)}}}
+    def fit(**groups):   # budget_mmm_by_steps's result: groups by the study's label, and their run keys
+        return {"groups": groups, "run_keys": {label: f"key of {label}" for label in groups}}
+
+    mmm = {100: fit(**{"FB 8 @ 100": group(4.0, 0.1), "MDR 8 @ 100": group(2.0, 0.1),
+                       "FB 32 @ 100": group(20.0, 0.3), "MDR 32 @ 100": group(20.5, 0.3)}),
+           200: fit(**{"FB 32 @ 200": group(12.0, 0.4), "MDR 32 @ 200": group(7.0, 0.3)})}
     table = {p.key: p for p in phenomena_table(rows, mmm, collapse_rate=0.5)}
     verdicts = {key: (p.verdicts[100], p.verdicts[200]) for key, p in table.items()}
     assert verdicts == {
@@ -249,6 +252,13 @@ def test_phenomena_table_judges_each_budget_and_never_compares_bounds():
     assert "within 10%" in table["mdr8_on_target"].name       # the book's one tolerance by default
     with pytest.raises(ValueError, match="two"):
         phenomena_table([r for r in rows if r["target_rate"] in (None, 32.0)], mmm)
+    # a run shared with the grid keeps the grid's label ("MDR 8", not "MDR 8 @ 100"): its row still
+    # finds its MMM group, by run key
+    relabelled = [dict(r, label=r["label"].split(" @ ")[0]) for r in rows]
+    assert {p.key: p for p in phenomena_table(relabelled, mmm)}["mdr_below_fb_mmm_8"].verdicts == {100: YES, 200: NOT_TRAINED}
+    # a budget without an MMM fit is not compared
+    assert {p.key: p for p in phenomena_table(rows, {200: mmm[200]})}["mdr_below_fb_mmm_32"].verdicts == {
+        100: NOT_TRAINED, 200: YES}
     # the at-ceiling verdict: MI compared only when neither value is at its ceiling
     capped = [dict(r, train_split=dict(r["train_split"], mutual_information_at_ceiling=True))
               if r["label"] == "FB 8 @ 100" else r for r in rows]

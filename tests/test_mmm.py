@@ -316,3 +316,57 @@ def test_r1_meanfield_halfcauchy_with_padding_runs():
     assert torch.isfinite(result.marginal_kl).all() and torch.isfinite(result.loss_trace).all()
     assert result.posterior["component_loc"].shape == (4, 2, 1)
     assert result.marginal_kl[1] > result.marginal_kl[0]
+
+
+def test_latent_sample_groups_draw_from_each_posterior_with_its_analytic_rate():
+    from tvae_core.mmm import CALIBRATION, PRIOR, latent_sample_groups
+
+    n, d = 400, 3
+    g = torch.Generator().manual_seed(1)
+    loc, scale = torch.randn(n, d, generator=g), 0.1 + torch.rand(n, d, generator=g)
+    posteriors = {"collapsed": (torch.zeros(n, d), torch.ones(n, d)), "run": (loc, scale)}
+    samples, rates = latent_sample_groups(posteriors, samples_per_group=n, seed=0)
+    assert list(samples) == [PRIOR, CALIBRATION, "collapsed", "run"] and list(rates) == list(samples)
+    assert all(s.shape == (n, d) and s.dtype == torch.float32 for s in samples.values())
+    # q(z|x) = p(z): rate 0, like the two prior groups
+    assert rates[PRIOR] == rates[CALIBRATION] == 0.0 and rates["collapsed"] == pytest.approx(0.0, abs=1e-12)
+    # all sentences picked: the rate is the analytic mean KL over them, whatever the order
+    kl = 0.5 * (loc.double() ** 2 + scale.double() ** 2 - 1 - 2 * scale.double().log()).sum(1).mean()
+    assert rates["run"] == pytest.approx(float(kl), rel=1e-12)
+    # one z ~ q(z|x) per picked sentence: with q(z|x) = N(2, 0.5^2) for every x, z's mean and sd
+    shifted, shifted_rates = latent_sample_groups({"shifted": (torch.full((n, d), 2.0), torch.full((n, d), 0.5))},
+                                                  samples_per_group=n, seed=0)
+    z = shifted["shifted"]
+    assert (z.mean(0) - 2.0).abs().max() < 4 * 0.5 / math.sqrt(n) and (z.std(0) - 0.5).abs().max() < 0.1
+    assert shifted_rates["shifted"] == pytest.approx(d * 0.5 * (4.0 + 0.25 - 1.0 - math.log(0.25)), rel=1e-12)
+    # fewer sentences than samples_per_group: every sentence once
+    small, _ = latent_sample_groups({"run": (loc[:50], scale[:50])}, samples_per_group=n, seed=0)
+    assert all(len(s) == 50 for s in small.values())
+
+
+def test_latent_sample_groups_are_seeded_and_a_run_added_last_changes_no_other_group():
+    from tvae_core.mmm import latent_sample_groups
+
+    n, d = 300, 2
+    g = torch.Generator().manual_seed(2)
+    posteriors = {f"run {i}": (torch.randn(n, d, generator=g), 0.5 + torch.rand(n, d, generator=g)) for i in range(3)}
+    first, first_rates = latent_sample_groups(dict(list(posteriors.items())[:2]), 100, seed=5)
+    again, again_rates = latent_sample_groups(posteriors, 100, seed=5)
+    # notebook 09 fits notebook 04's groups: the same runs in the same order draw the same samples
+    for label in first:
+        assert torch.equal(first[label], again[label]) and first_rates[label] == again_rates[label]
+    other, _ = latent_sample_groups(posteriors, 100, seed=6)
+    assert not torch.equal(other["run 0"], again["run 0"])
+
+
+@pytest.mark.parametrize("posteriors, samples_per_group, message", [
+    ({}, 10, "posteriors is empty"),
+    ({"a": (torch.zeros(5, 2), torch.ones(5, 2)), "b": (torch.zeros(6, 2), torch.ones(6, 2))}, 10, "different shapes"),
+    ({"prior": (torch.zeros(5, 2), torch.ones(5, 2))}, 10, "name of a prior group"),
+    ({"a": (torch.zeros(5, 2), torch.ones(5, 2))}, 1, "samples_per_group=1"),
+])
+def test_latent_sample_groups_reject_bad_input_naming_it(posteriors, samples_per_group, message):
+    from tvae_core.mmm import latent_sample_groups
+
+    with pytest.raises(ValueError, match=message):
+        latent_sample_groups(posteriors, samples_per_group, seed=0)

@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from . import estimators as est
 from .data import iterate_batches
 from .device import module_device, move_batch
 from .latent_space import token_accuracy
@@ -152,34 +151,23 @@ def budget_table(rows: list[dict]) -> str:
 def budget_mmm(runs: dict, profile, *, seed: int = 0, family: str = "RD", progress: bool = False) -> dict:
     """The mixed membership model (notebook 04's recipe) on the runs of one budget: one group of
     z ~ q(z|x) per run (``samples_per_group`` test sentences at random), a prior group and a
-    second prior group (the calibration: what the estimator reports for marginal KL 0).
+    second prior group (the calibration: what the estimator reports for marginal KL 0), built by
+    :func:`tvae_core.mmm.latent_sample_groups`.
 
     ``runs``: label -> finished run. Returns ``{"floor": (kl, se), "groups": {label: {...}}}``
     with each group's rate (of its sampled sentences), marginal KL, its standard error and the
     index-code MI R - KL, all in nats.
     """
     from .evaluation import posterior_parameters
-    from .mmm import MixedMembershipConfig, fit_mixed_membership, prior_samples
+    from .mmm import CALIBRATION, MixedMembershipConfig, fit_mixed_membership, latent_sample_groups
     from .profiles import get_profile
 
     p = get_profile(profile) if isinstance(profile, str) else profile
-    calibration = "prior (calibration)"
-    latent_dim = p.model.latent_dim
-    generator = torch.Generator().manual_seed(seed)
-    samples, rates = {}, {}
-    for label, run in runs.items():
-        loc, scale = posterior_parameters(run, p.estimators, seed=seed)            # [N, D]
-        n = min(p.mmm.samples_per_group, loc.shape[0])
-        chosen = torch.randperm(loc.shape[0], generator=generator)[:n]
-        z = est.sample_aggregate_posterior(loc[chosen], scale[chosen], 1, generator)   # [1, n, D]
-        samples[label] = z.reshape(n, latent_dim).float()
-        rates[label] = float(est.kl_per_dimension(loc[chosen], scale[chosen]).sum())
-    n = min(s.shape[0] for s in samples.values())
-    samples = {"prior": prior_samples(n, latent_dim, seed=10_000 + seed),
-               calibration: prior_samples(n, latent_dim, seed=20_000 + seed), **samples}
-    rates = {"prior": 0.0, calibration: 0.0, **rates}
+    posteriors = {label: posterior_parameters(run, p.estimators, seed=seed) for label, run in runs.items()}
+    samples, rates = latent_sample_groups(posteriors, p.mmm.samples_per_group, seed)
+    n = len(samples[CALIBRATION])
     config = MixedMembershipConfig.from_profile(p.mmm, family=family, seed=seed)
-    fit = fit_mixed_membership(samples, config, rates=rates, calibration_group=calibration, progress=progress)
+    fit = fit_mixed_membership(samples, config, rates=rates, calibration_group=CALIBRATION, progress=progress)
     groups = {}
     for label in runs:
         g = fit.index(label)
@@ -315,7 +303,8 @@ def _targets(rows) -> tuple[float, float]:
 def phenomena_table(rows: list[dict], mmm: dict, *, collapse_rate: float = 0.5,
                     tolerance: float | None = None) -> list[Phenomenon]:
     """Whether each phenomenon of the study holds at each budget, from the runs' rows
-    (:func:`budget_measures`) and the per-budget MMM fits (steps -> :func:`budget_mmm`).
+    (:func:`budget_measures`) and the per-budget MMM fits (steps -> :func:`budget_mmm`, with the
+    ``run_keys`` of :func:`budget_mmm_by_steps`: a row finds its MMM group by its ``run_key``).
 
     ``collapse_rate``: the VAE counts as collapsed below this test rate (nats). ``tolerance``:
     relative, the book's one on-target tolerance by default
@@ -373,13 +362,19 @@ def phenomena_table(rows: list[dict], mmm: dict, *, collapse_rate: float = 0.5,
             return yes(b["mutual_information"] > a["mutual_information"])
         return judge
 
+    def mmm_group(r, steps):
+        # by run key, never by the row's label: a run shared with the grid (the study's run at the
+        # book's budget) keeps the label it was first trained under
+        fit = mmm.get(steps) or {}
+        label = {key: name for name, key in fit.get("run_keys", {}).items()}.get(r["run_key"])
+        return fit.get("groups", {}).get(label)
+
     def mdr_below_fb_mmm(target):
         def judge(steps):
             f, m = row("fb", target, steps), row("mdr", target, steps)
-            groups = (mmm.get(steps) or {}).get("groups", {})
-            if f is None or m is None or f["label"] not in groups or m["label"] not in groups:
+            f, m = (None, None) if f is None or m is None else (mmm_group(f, steps), mmm_group(m, steps))
+            if f is None or m is None:
                 return NOT_TRAINED
-            f, m = groups[f["label"]], groups[m["label"]]
             difference = f["marginal_kl"] - m["marginal_kl"]
             se = (f["marginal_kl_se"] ** 2 + m["marginal_kl_se"] ** 2) ** 0.5
             return YES if difference > 2 * se else NO if difference < -2 * se else WITHIN_2SE

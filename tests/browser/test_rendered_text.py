@@ -1,5 +1,6 @@
 """The rendered book's HTML as text (no browser needed; run with `make check-html` after `make
-book`): no page shows the build machine's paths, a warning or a progress bar."""
+book`): no page shows the build machine's paths, a warning, a progress bar or a Markdown table left
+as text."""
 import re
 from pathlib import Path
 
@@ -28,6 +29,8 @@ def test_page_shows_no_build_paths_warnings_or_progress_bars(page):
     text = _visible_text(page)
     # this build's folder, and any absolute path of a build machine (the pages were built elsewhere)
     for pattern in (re.escape(str(ROOT)), r"(?<![\w.])/(?:work|tmp|root|home|Users)/[\w.-]+/", r"\bWarning\b",
-                    r"\bit/s\b", r"site-packages"):
+                    r"\bit/s\b", r"site-packages",
+                    # a table's delimiter row as text: a Markdown output rendered without table syntax
+                    r"\|\s*:?[-\u2013\u2014]+:?\s*\|"):
         match = re.search(pattern, text)
         assert match is None, f"{page.name} shows {match.group(0)!r}: ...{text[max(0, match.start() - 100):match.end() + 100]}..."

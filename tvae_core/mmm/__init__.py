@@ -13,14 +13,18 @@ Usage::
                                   config, rates={"MDR": 16.0},
                                   calibration_group="prior (calibration)")
     result.to_frame(); result.weights_frame(); result.calibration_floor()
+
+:func:`latent_sample_groups` builds those groups from trained runs' posteriors, the same way for
+every page that fits the MMM.
 """
 from .config import FAMILIES, GUIDES, SCALE_PRIORS, MixedMembershipConfig
 from .fit import fit_mixed_membership, prior_samples, split_heldout, validate_samples
+from .groups import CALIBRATION, PRIOR, latent_sample_groups
 from .model import group_log_density, mmm_model, stick_breaking
 from .result import MixedMembershipResult
 
 __all__ = [
-    "FAMILIES", "GUIDES", "SCALE_PRIORS", "MixedMembershipConfig", "MixedMembershipResult",
-    "fit_mixed_membership", "group_log_density", "mmm_model", "prior_samples", "split_heldout",
-    "stick_breaking", "validate_samples",
+    "CALIBRATION", "FAMILIES", "GUIDES", "PRIOR", "SCALE_PRIORS", "MixedMembershipConfig", "MixedMembershipResult",
+    "fit_mixed_membership", "group_log_density", "latent_sample_groups", "mmm_model", "prior_samples",
+    "split_heldout", "stick_breaking", "validate_samples",
 ]
