@@ -360,3 +360,20 @@ def test_the_stamp_names_the_processor_model_whose_bfloat16_path_moves_last_digi
     assert text.startswith(platform.machine()) and text.endswith(f"{os.cpu_count()} CPU cores")
     if os.path.exists("/proc/cpuinfo") and "model name" in open("/proc/cpuinfo").read():
         assert len(text.split(", ")) == 3, text
+
+
+def test_a_page_table_shows_missing_values_as_a_dash_and_floats_at_fixed_digits():
+    import math
+
+    import numpy as np
+    import pandas as pd
+
+    from tvae_core.notebook import MISSING, table_for_page
+
+    frame = pd.DataFrame({"target r": [math.nan, 16.0], "rate": [0.0123, 16.456], "active units": [0, 32]},
+                         index=["VAE", "MDR 16"])
+    shown = table_for_page(frame, 2)
+    assert shown.loc["VAE", "target r"] == MISSING and shown.loc["MDR 16", "target r"] == "16.00"
+    assert list(shown["rate"]) == ["0.01", "16.46"] and list(shown["active units"]) == [0, 32]
+    assert table_for_page(pd.DataFrame({"x": [np.float32(0.5), True]}, dtype=object), 1)["x"].tolist() == ["0.5", True]
+    assert "NaN" not in shown.to_html() and frame.loc["VAE", "target r"] != frame.loc["VAE", "target r"]  # input kept

@@ -1,5 +1,6 @@
 """Helpers shared by the notebooks: parameter checking, the targeted methods, and publishing
-results into the page's prose (:func:`publish_values`, :func:`publish_figure`).
+results into the page's prose (:func:`publish_values`, :func:`publish_figure`), and tables as a page
+shows them (:func:`table_for_page`).
 
 Parameters cells are written with annotations (``seed: int = 0  # what it is``), which IPython
 records in the namespace's ``__annotations__``; :func:`check_parameters` checks the values that
@@ -131,3 +132,21 @@ def publish_figure(name: str, fig) -> None:
 
     glue(name, fig, display=False)
     plt.close(fig)
+
+
+MISSING = "—"   # how a page shows a value that does not exist (a target of a method without one)
+
+
+def table_for_page(frame, digits: int):
+    """``frame`` as a page shows it: every non-integer number (Python or NumPy) with ``digits``
+    decimals, a missing value (NaN) as :data:`MISSING` rather than "NaN", everything else (integers,
+    text) as it is. Returns a new frame."""
+    import math
+    import numbers
+
+    def cell(value):
+        if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+            return MISSING if math.isnan(value) else f"{value:.{digits}f}"
+        return value
+
+    return frame.map(cell)
