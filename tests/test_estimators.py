@@ -321,6 +321,25 @@ def test_minibatch_weighted_sampling_reports_log_n_for_a_collapsed_encoder():
     torch.testing.assert_close(log_q, Normal(0.0, 1.0).log_prob(z).sum(-1).double() - math.log(100))
 
 
+def test_minibatch_weighted_sampling_overstates_the_n_point_mi_and_caps_a_larger_one_at_log_nm():
+    """With the right N: above the leave-one-out estimate (itself >= the N-point MI in expectation)
+    for a moderately informative encoder; for a very informative one it tends to log(N M), about
+    log M above the N-point MI's ceiling log N and far below the population MI of 32 nats."""
+    n, batch = 2048, 64
+    fitted = LinearGaussianLVM.fitted(latent_dim=4, data_dim=8)
+    loc, scale = posterior_parameters(fitted, n)
+    mws = thesis_minibatch_weighted_terms(loc, scale, batch_size=batch, dataset_size=n, generator=generator())
+    loo = aggregate_posterior_terms(loc, scale, generator=generator(), leave_one_out=True)
+    assert mws.mutual_information.value > loo.mutual_information.value + 5.0   # LOO: ~3.7, the exact MI
+    assert loo.mutual_information.value == pytest.approx(fitted.mutual_information(), abs=0.2)
+    strong = LinearGaussianLVM.high_mutual_information(latent_dim=8, data_dim=16)
+    loc, scale = posterior_parameters(strong, n)
+    mws = thesis_minibatch_weighted_terms(loc, scale, batch_size=batch, dataset_size=n, generator=generator())
+    assert mws.mutual_information.value == pytest.approx(math.log(n * batch), abs=0.05)
+    assert mws.mutual_information.value > math.log(n) + 0.9 * math.log(batch)
+    assert mws.mutual_information.value < strong.mutual_information() - 10.0
+
+
 def test_thesis_640_point_estimate_is_capped_at_log_640():
     loc, scale = posterior_parameters(LinearGaussianLVM.high_mutual_information(latent_dim=8, data_dim=16), 1000)
     terms = thesis_aggregate_posterior_terms(loc, scale, generator=generator())

@@ -323,7 +323,7 @@ class LinearGaussianLVM:
                                 seed: int = 0) -> "LinearGaussianLVM":
         """A fitted model with strong loadings: posterior variances s = 1/(1 + lambda^2/noise^2) are
         tiny and I_q = 1/2 sum_d log(1 + lambda_d^2 / noise_std^2) >> log N for any feasible N
-        (about 33 nats with the defaults). Large loadings rather than little noise keep H and D
+        (about 32 nats with the defaults). Large loadings rather than little noise keep H and D
         positive, like the text case."""
         return cls.fitted(latent_dim, data_dim, noise_std, loading_range, seed, name="high MI")
 

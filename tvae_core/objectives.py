@@ -30,8 +30,9 @@ Minimum desired rate (Pelsmaeker & Aziz, 2019)
     min_{theta,phi} max_{lambda >= 0}  D + R + lambda (r - R)
 
 with lambda = softplus(u) updated by gradient *ascent* on u with its own optimiser
-(:class:`LagrangeMultiplier`). lambda rises while R < r and falls when R > r; once R >= r the
-constraint is slack and lambda -> 0, leaving the ELBO.
+(:class:`LagrangeMultiplier`). lambda rises while R < r and falls when R > r; where the ELBO's own
+optimum has R > r the constraint is slack and lambda -> 0, leaving the ELBO; at R = r (active) the
+ascent step is zero and lambda stays where it is.
 
 Plain gradient descent-ascent on this Lagrangian need not converge: with a strong decoder the
 ELBO's slope dD/dR is ~0 near collapse, so the equilibrium multiplier is ~1, where the rate's

@@ -28,11 +28,15 @@ def minibatch_weighted_log_q_z(z: torch.Tensor, loc: torch.Tensor, scale: torch.
     log q(z_i) ~= logsumexp_j log q(z_i | x_j) - log(N M), over the M points of the minibatch
     (self term included) with N = ``dataset_size``.
 
-    * bias: no fixed direction (``bias="unknown"`` in the result): with an uninformative encoder
-      (q(z|x) = q(z)) it returns log q(z) - log N, so MI = E[log q(z|x) - log q(z)] comes out as
-      log N instead of 0 (biased up) and marginal KL as KL - log N; with a very informative
-      encoder MI is capped at log(N M) (biased down). A wrong N (hard-coded 10,000) shifts every
-      value by log(N_true / N).
+    * bias: no fixed direction (``bias="unknown"`` in the result). In expectation over the
+      minibatch the own term gets weight 1/(N M) instead of 1/N and the other points (M - 1)/(N M)
+      instead of about 1 in all, so the estimate of q(z_i) is too small, and the log (Jensen)
+      lowers it further. Against the MI of the N points themselves (at most log N) the MI is thus
+      biased up at every informativeness: an uninformative encoder (q(z|x) = q(z)) gives log N
+      instead of 0 (and marginal KL as KL - log N), a very informative one tends to log(N M),
+      about log M above log N. Against a population MI above log(N M) (the exact high-MI model of
+      notebook 00) it is biased down, being capped there. A wrong N (the hard-coded 10,000) shifts
+      every value by log(N_true / N), up or down.
     * ceiling: MI <= log(N M) per term.
     * cost: O(M^2 D). ``z``, ``loc``, ``scale``: ``[M, D]`` (z_i ~ q(z|x_i)) -> ``[M]``.
     """
