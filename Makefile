@@ -50,7 +50,7 @@ render: $(STAMP)
 book: execute
 	$(MAKE) render
 
-# the pretrained chapter (notebooks/pretrained/): ~19 minutes on 2 cores, so `make book` keeps its committed page
+# the pretrained chapter (notebooks/pretrained/): ~26 minutes on 2 cores (training its runs), so `make book` keeps its committed page
 book-pretrained: pretrained
 	$(PY) -m tvae_core execute --profile $(PROFILE) --kernel $(KERNEL) --pretrained --workers 1
 	$(MAKE) render

@@ -243,6 +243,18 @@ def test_make_execute_params_are_parsed_and_given_to_the_notebooks_that_declare_
     assert "--params" in makefile and "$(PARAMS)" in makefile and "$(ONLY)" in makefile
 
 
+def test_a_params_name_that_no_selected_notebook_declares_fails_before_anything_runs(capsys):
+    from tvae_core.book import execute_all, main
+
+    with pytest.raises(ValueError, match=r"PARAMS \['sead'\]: declared by none .*accepted names: .*'seed'"):
+        execute_all("smoke", only=["00"], parameters={"sead": 1})
+    with pytest.raises(ValueError, match=r"\['target_rates'\]"):   # 00 has no target rates
+        execute_all("smoke", only=["00"], parameters={"target_rates": [2, 6]})
+    with pytest.raises(SystemExit) as exit_:
+        main(["--profile", "smoke", "--only", "00", "--params", "sead=1"])
+    assert exit_.value.code == 2 and "sead" in capsys.readouterr().err
+
+
 ALL_SOURCES = NOTEBOOKS + [PRETRAINED_NOTEBOOK]
 _HIDDEN = {"hide-input", "hide-cell", "remove-input", "remove-cell"}
 

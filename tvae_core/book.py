@@ -35,7 +35,7 @@ class NotebookFailed(RuntimeError):
 
 def source_notebooks(pretrained: bool = False) -> list[Path]:
     """The book's source notebooks; ``pretrained``: those of ``notebooks/pretrained/`` instead,
-    which need the pretrained weights (``make pretrained``) and ~19 minutes on 2 cores, so
+    which need the pretrained weights (``make pretrained``) and ~26 minutes on 2 cores, so
     ``make book`` leaves their committed pages alone and ``make book-pretrained`` re-executes them."""
     folder = NOTEBOOKS_DIR / "pretrained" if pretrained else NOTEBOOKS_DIR
     return sorted(folder.glob("[0-9][0-9]_*.ipynb"))
@@ -151,7 +151,8 @@ def output_dir_for(profile: str) -> Path:
 def parse_parameters(text: str) -> dict:
     """``"target_rates=[2,6] seed=1"`` -> ``{"target_rates": [2, 6], "seed": 1}``: the ``PARAMS``
     of ``make execute``. Values are YAML (numbers, true/false, lists, quoted or bare strings), as in
-    ``papermill -y``; names must be parameters of the notebooks (papermill warns otherwise)."""
+    ``papermill -y``; names must be parameters of the notebooks (:func:`execute_all` refuses a name
+    that none of the notebooks it runs declares)."""
     import shlex
 
     import yaml
@@ -180,6 +181,13 @@ def execute_all(profile: str, kernel: str | None = None, only: list[str] | None 
     notebooks = [nb for nb in source_notebooks(pretrained)
                  if not only or any(nb.stem.startswith(o) for o in only)]
     notebooks.sort(key=_previous_seconds, reverse=True)
+    if parameters:   # a misspelt name would otherwise re-run the default pages without a word
+        # runs_dir comes from make's RUNS_DIR for every page; a page without runs has no use for it
+        declared = {"runs_dir"} | {name for nb in notebooks for name in _declared_parameters(nb)}
+        unknown = sorted(set(parameters) - declared)
+        if unknown:
+            raise ValueError(f"PARAMS {unknown}: declared by none of the notebooks {[nb.stem for nb in notebooks]}; "
+                             f"accepted names: {sorted(declared)}")
     output = output_dir_for(profile)
     if workers > 1:
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"  # inherited by every kernel
@@ -214,10 +222,15 @@ def _known_parameters(source: Path, parameters: dict | None) -> dict:
     notebooks that have target rates and leaves the others alone."""
     if not parameters:
         return {}
+    declared = _declared_parameters(source)
+    return {k: v for k, v in parameters.items() if k in declared}
+
+
+def _declared_parameters(source: Path) -> set[str]:
+    """The names in ``source``'s parameters cell (papermill's reading of it)."""
     import papermill
 
-    declared = papermill.inspect_notebook(str(source))
-    return {k: v for k, v in parameters.items() if k in declared}
+    return set(papermill.inspect_notebook(str(source)))
 
 
 def write_provenance_page() -> Path:
@@ -295,9 +308,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         parameters = parse_parameters(args.params)
+        return execute_all(args.profile, args.kernel, args.only, args.workers, args.pretrained, parameters)
     except ValueError as err:
         parser.exit(2, f"error: {err}\n")
-    return execute_all(args.profile, args.kernel, args.only, args.workers, args.pretrained, parameters)
 
 
 if __name__ == "__main__":

@@ -175,7 +175,9 @@ class TransformerVAE(nn.Module):
           the decoder's own (per-component std 0.11 vs 0.16 at the default size). Scaling these
           by 1/sqrt(D) too moved the same two numbers by only 0.2 and 0.13 nats (measured).
 
-        With zero biases, z = 0 leaves the decoder exactly the plain LM."""
+        With zero biases, z = 0 leaves the embedding path exactly the plain LM; the memory slot's key
+        and value are then 0, and the slot still takes a share exp(0) / (exp(0) + sum_j exp(s_j)) of
+        every attention row, which dilutes attention slightly."""
         with torch.no_grad():
             for name, scale in (("latent_to_memory", std), ("latent_to_embedding", std / self.latent_dim ** 0.5)):
                 layer = getattr(self, name, None)

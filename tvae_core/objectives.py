@@ -12,10 +12,10 @@ Beta schedules
 --------------
 * ``constant``: beta = 1 (or ``ObjectiveConfig.beta`` for ``beta_vae``).
 * ``linear``: beta = min(1, step / warmup_steps) (Bowman et al., 2016).
-* ``cyclical`` (Fu et al., 2019): the run is split into ``num_cycles`` cycles *of optimiser
-  steps*; within each, beta = 0 for ``cycle_zero_fraction``, ramps linearly to 1 over
-  ``cycle_ramp_fraction``, then stays at 1. (The thesis code ticked per batch and spent half of
-  every epoch at beta = 0.)
+* ``cyclical``: the run is split into ``num_cycles`` cycles *of optimiser steps*; within each,
+  beta = 0 for ``cycle_zero_fraction``, ramps linearly to 1 over ``cycle_ramp_fraction``, then
+  stays at 1 (defaults 0.25, 0.25). Fu et al. (2019)'s schedule is zero fraction 0, ramp 0.5; the
+  thesis code's, after Optimus, ticked per batch with one cycle per epoch and fractions 0.5, 0.25.
 
 Free bits, three named variants (target rate r nats per sequence, lambda = r / D per dimension)
 -----------------------------------------------------------------------------------------------
