@@ -189,6 +189,8 @@ class ModelConfig:
     word_dropout: float = 0.0       # weakens the decoder: P(previous word replaced by UNK), 1 = no context
     logvar_bound: float = 10.0      # log-variance soft-clamped to [-b, b]: AE-style training cannot explode
     deterministic_encoder: bool = False  # z = mean (AE without noise); rate still reported
+    # (training and tvae_core.latent_space only: the estimators, distortion and IW included, still
+    # sample z ~ q(z|x) from a scale head that got no gradient, so such a run's numbers are not its own)
     dropout: float = 0.1
 
     def __post_init__(self):
@@ -272,8 +274,13 @@ class TrainConfig:
     eval_every: int = 250
     checkpoint_every: int = 500
     seed: int = 0
+    # > 1 is not what the book uses or tests: the step counter, the rate schedules and the MDR
+    # multiplier then count micro-batches while the learning-rate warm-up counts optimiser steps,
+    # and gradients are clipped on every micro-batch
     gradient_accumulation_steps: int = 1
-    mixed_precision: str = "no"     # no | fp16 | bf16 (Accelerate; GPU only)
+    # no | fp16 | bf16 (Accelerate; GPU only). Not fp16 with MDR: the multiplier's optimiser goes
+    # through the same GradScaler, which unscales its gradient a second time and so all but stops it
+    mixed_precision: str = "no"
     lm_head_dtype: str = "float32"  # float32 | bfloat16: the blocked LM head's matmuls (tvae_core.lm_head)
     # torch threads of the training process, set by train() and restored after it: one and two
     # threads sum floating point in different orders, so the count is part of what a run is

@@ -53,6 +53,8 @@ class PretrainedVocabulary:
         bos = bos if bos is not None else eos
         pad = _attribute_id(tokenizer, "pad_token_id")
         unk = _attribute_id(tokenizer, "unk_token_id")
+        # a tokenizer without an unknown token (byte-level BPE, as GPT-2's): word dropout then replaces
+        # words by the end token, not by a neutral symbol (the book trains none of these with it)
         return cls(tokenizer, pad if pad is not None else eos, unk if unk is not None else eos, bos, eos)
 
     @property
