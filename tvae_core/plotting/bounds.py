@@ -35,7 +35,7 @@ def plot_bound_decomposition(decomposition, ax=None, title: str | None = None, a
         for term, left, width in segments:
             ax.barh(y, width, left=left, color=TERM_COLOURS[term], edgecolor="white", height=0.6,
                     label=TERM_LABELS[term])
-            if annotate and abs(width) > 0.08 * span:
+            if annotate and abs(width) > 0.15 * span:   # only where "123.45" fits inside the bar
                 ax.text(left + width / 2, y, f"{width:.2f}", ha="center", va="center", fontsize=8,
                         color="white")
     y_mi = top - 2
@@ -46,18 +46,19 @@ def plot_bound_decomposition(decomposition, ax=None, title: str | None = None, a
              (d.upper_bound, "$R$", "rate")]
     for value, _, term in ticks:
         ax.plot([value, value], [y_mi - 0.38, y_mi + 0.38], color=TERM_COLOURS[term], lw=2.5)
-    groups: list[list] = []                           # equal values share one label
+    # ticks closer than an eighth of the axis share one label, in order and true as written
+    # ("$H-D$ = $I_q$ <= $R$"), above the row: separate labels never run into each other
+    groups: list[list] = []
     for value, label, _ in sorted(ticks):
-        if groups and value - groups[-1][0] < 1e-3:
-            groups[-1][1].append(label)
+        if groups and value - groups[-1][0] < 0.12 * span:
+            groups[-1][1].append((value, label))
         else:
-            groups.append([value, [label]])
-    previous = -float("inf")
-    for value, labels in groups:                      # labels of close ticks alternate above/below
-        below = value - previous < 0.06 * span
-        ax.text(value, y_mi - 0.42 if below else y_mi + 0.42, " = ".join(labels).replace("$ = $", " = "),
-                ha="center", va="top" if below else "bottom", fontsize=8)
-        previous = -float("inf") if below else value
+            groups.append([value, [(value, label)]])
+    for start, members in groups:
+        text = members[0][1]
+        for (previous, _), (value, label) in zip(members, members[1:]):
+            text += (" = " if value - previous < 1e-3 else r" $\leq$ ") + label
+        ax.text(start, y_mi + 0.42, text, ha="left" if len(members) > 1 else "center", va="bottom", fontsize=8)
     ax.axvline(0.0, color="black", lw=0.8)
     ax.set_yticks(range(len(rows)), [label for label, _ in reversed(rows)])
     ax.set_ylim(-0.6, top + 0.7)

@@ -82,7 +82,7 @@ def plot_latent_histogram(samples, loc=None, scale=None, ax=None, num_posteriors
                             color=colour, alpha=0.55, edgecolor="none", label="$z \\sim q(z)$")
     grid = np.linspace(low, high, 400)
     prior = _normal_density(grid, 0.0, 1.0)
-    ax.plot(grid, prior, label="prior $\\mathcal{N}(0, 1)$", **PRIOR_LINE)
+    ax.plot(grid, prior, label="prior $\\mathrm{N}(0, 1)$", **PRIOR_LINE)
     top = 1.25 * max(float(np.max(heights)) if heights.size else 0.0, float(prior.max()))
     if loc is not None and scale is not None and num_posteriors > 0:
         loc, scale = np.asarray(loc, dtype=float).ravel(), np.asarray(scale, dtype=float).ravel()
@@ -376,7 +376,7 @@ _PATH_TERMS = {  # key -> (label, colour, style)
     "mutual_information": (TERM_LABELS["mutual_information"], TERM_COLOURS["mutual_information"], "-"),
     "marginal_kl": (r"marginal KL $\mathrm{KL}(q(z)\,\|\,p(z))$", TERM_COLOURS["upper_gap"], "-"),
     "lower_gap": ("lower gap", TERM_COLOURS["lower_gap"], "-"),
-    "log_likelihood": (r"$\mathbb{E}\log p(x)$", OKABE_ITO[5], "--"),
+    "log_likelihood": (r"$\mathrm{E}\log p(x)$", OKABE_ITO[5], "--"),
 }
 
 

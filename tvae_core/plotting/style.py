@@ -7,7 +7,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import matplotlib.pyplot as plt
+import numpy as np
 import seaborn as sns
+from matplotlib.ticker import Locator
 
 from ..methods import METHODS
 
@@ -58,7 +60,7 @@ TERM_COLOURS = {                      # the quantities of the rate-distortion pi
 TERM_LABELS = {
     "entropy": "data entropy $H$", "distortion": "distortion $D$", "rate": "rate $R$",
     "mutual_information": "index-code MI $I_q$", "lower_bound": "lower bound $H - D$",
-    "lower_gap": r"lower gap $\mathbb{E}_{q(z)}\,\mathrm{KL}(q(x|z)\,\|\,p(x|z))$",
+    "lower_gap": r"lower gap $\mathrm{E}_{q(z)}\,\mathrm{KL}(q(x|z)\,\|\,p(x|z))$",
     "upper_gap": r"upper gap $\mathrm{KL}(q(z)\,\|\,p(z))$",
 }
 
@@ -99,7 +101,9 @@ def set_style() -> None:
         "savefig.bbox": "tight", "axes.titlesize": 12, "axes.labelsize": 11,
         "legend.fontsize": 9, "legend.frameon": False, "axes.spines.top": False,
         "axes.spines.right": False,
-        "svg.fonttype": "none",   # text stays text in the SVG: searchable, and smaller files
+        # text stays text in the SVG: searchable, and smaller files. So labels write math with
+        # \mathrm, never \mathbb or \mathcal, whose glyphs only matplotlib's own fonts have
+        "svg.fonttype": "none",
     })
 
 
@@ -111,7 +115,8 @@ def new_figure(kind: str = "single", ncols: int = 1, nrows: int = 1, **kwargs):
     if kind in ("panel", "bar"):
         width, height = width * ncols, height * nrows
         if width > COLUMN_WIDTH:   # a grid wider than the column: shrink the panels, not the text
-            width, height = COLUMN_WIDTH, height * COLUMN_WIDTH / width
+            # a panel keeps its shape; a bar chart keeps its height, which its rows and labels need
+            width, height = COLUMN_WIDTH, height * (COLUMN_WIDTH / width if kind == "panel" else 1.0)
     return plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False, **kwargs)
 
 
@@ -126,19 +131,51 @@ def finish_axes(ax, xlabel: str, ylabel: str, title: str | None = None, legend: 
     return ax
 
 
-# ticks of a symmetric-log axis: 1-2-5 per decade, so the linear part (0..linthresh) is not
-# labelled by its two ends alone
-_SYMLOG_TICKS = sorted({sign * m * 10.0 ** e for sign in (-1, 1) for e in range(-1, 5) for m in (1, 2, 5)} | {0.0})
+def _symlog_candidates() -> list[float]:
+    """0, then +-10^e, then +-5 x 10^e, then +-2 x 10^e (e = -3..5): the order in which ticks are kept."""
+    decades = range(-3, 6)
+    return [0.0] + [sign * m * 10.0 ** e for m in (1, 5, 2) for e in decades for sign in (1, -1)]
 
 
-def symlog_axis(ax, which: str = "x", linthresh: float = 10.0):
-    """A symmetric-log axis (linear within ``linthresh`` of 0) with 1-2-5 ticks in every decade
-    and plain numbers as labels; returns ``ax``."""
-    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+class SymlogTicks(Locator):
+    """Ticks for a symmetric-log axis that never crowd: from the candidates of
+    :func:`_symlog_candidates` (0 first, then powers of ten, then 5s and 2s) keep each one at least
+    ``min_separation`` (a fraction of the axis length, in the axis's own scale) away from every tick
+    already kept. A linear region of a few units around 0 then shows 0 and a tick or two, not a
+    pile of 0.1, 0.2, 0.5 labels; a span of many decades shows the powers of ten only."""
+
+    def __init__(self, min_separation: float = 0.08):
+        self.min_separation = min_separation
+
+    def __call__(self):
+        low, high = self.axis.get_view_interval()
+        return self.tick_values(low, high)
+
+    def tick_values(self, vmin, vmax):
+        low, high = min(vmin, vmax), max(vmin, vmax)
+        scale = self.axis.get_transform()
+        start, end = scale.transform(np.array([low, high], dtype=float))
+        if not end > start:
+            return [low]
+        kept, places = [], []
+        for value in _symlog_candidates():
+            if not low <= value <= high:
+                continue
+            place = (float(scale.transform(np.array([value]))[0]) - start) / (end - start)
+            if all(abs(place - other) >= self.min_separation for other in places):
+                kept.append(value)
+                places.append(place)
+        return sorted(kept)
+
+
+def symlog_axis(ax, which: str = "x", linthresh: float = 10.0, min_separation: float = 0.08):
+    """A symmetric-log axis (linear within ``linthresh`` of 0) with plain-number ticks that never
+    crowd (:class:`SymlogTicks`: 0, powers of ten, then 5s and 2s where there is room); returns ``ax``."""
+    from matplotlib.ticker import FuncFormatter, NullLocator
 
     axis = ax.xaxis if which == "x" else ax.yaxis
     (ax.set_xscale if which == "x" else ax.set_yscale)("symlog", linthresh=linthresh)
-    axis.set_major_locator(FixedLocator(_SYMLOG_TICKS))
+    axis.set_major_locator(SymlogTicks(min_separation))
     axis.set_minor_locator(NullLocator())
     axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     return ax

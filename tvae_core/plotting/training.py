@@ -24,7 +24,7 @@ from matplotlib.ticker import MaxNLocator
 
 from ..analysis import smooth
 from ..methods import Method, get_method, method_of
-from .style import METHOD_COLOURS, METHOD_MARKERS, finish_axes, new_figure
+from .style import METHOD_COLOURS, METHOD_MARKERS, finish_axes, new_figure, symlog_axis
 
 __all__ = [
     "shades", "run_styles", "smooth", "plot_training_curves",
@@ -146,7 +146,7 @@ def plot_training_curves(histories: Mapping[str, Mapping], quantity: str = "rate
         if targets and label in targets:
             ax.axhline(targets[label], color=style["color"], ls="--", lw=1.0)
     if logy:
-        ax.set_yscale("symlog", linthresh=0.1)
+        symlog_axis(ax, "y", linthresh=0.1)
         ax.set_ylim(bottom=0.0)
     return finish_axes(ax, "optimiser step", ylabel or quantity, title, legend)
 
@@ -357,9 +357,11 @@ def plot_kl_per_dimension(kl: Mapping[str, Sequence[float]], ax=None, sort: bool
         name = label if not active or label not in active else f"{label} ({active[label]} active)"
         ax.bar(x, values, width=width, color=styles[label]["color"], label=name)
     if logy:
-        ax.set_yscale("symlog", linthresh=1e-2)
+        symlog_axis(ax, "y", linthresh=1e-2)
     xlabel = "latent dimension (sorted by KL)" if sort else "latent dimension $d$"
-    ylabel = r"$\mathbb{E}_x\,\mathrm{KL}(q(z_d|x)\,\|\,p(z_d))$ (nats)"
+    # \mathrm, not \mathbb or \mathcal: the SVG keeps text as text, and a browser has no font for
+    # matplotlib's private-use glyphs of blackboard and calligraphic letters
+    ylabel = r"$\mathrm{E}_x\,\mathrm{KL}(q(z_d|x)\,\|\,p(z_d))$ (nats)"
     return finish_axes(ax, xlabel, ylabel, title, legend)
 
 
