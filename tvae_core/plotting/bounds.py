@@ -140,6 +140,10 @@ def plot_estimator_comparison(values: Mapping[str, tuple[float, float]], exact: 
     ax.axvline(exact, color=ESTIMATOR_COLOURS["exact"], lw=1.5, ls="-")
     if xlim is not None:
         ax.set_xlim(xlim)
+    else:   # room on both sides: a value at 0 is not drawn on the spine, its label not outside
+        low, high = ax.get_xlim()
+        pad = 0.15 * max(high - low, 1.0)
+        ax.set_xlim(low - pad, high + 2 * pad)
     ax.set_yticks(range(len(labels)), labels)
     ax.invert_yaxis()
     ax.set_xlabel(xlabel)

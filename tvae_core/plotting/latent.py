@@ -20,9 +20,11 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import seaborn as sns
 from matplotlib.collections import LineCollection
+from matplotlib.colors import ListedColormap
 
-from .style import (METHOD_COLOURS, METHOD_MARKERS, OKABE_ITO, TERM_COLOURS, TERM_LABELS, finish_axes,
+from .style import (COLUMN_WIDTH, METHOD_COLOURS, METHOD_MARKERS, OKABE_ITO, TERM_COLOURS, TERM_LABELS, finish_axes,
                     new_figure, symlog_axis)
 from .training import _method_of_run
 
@@ -122,7 +124,8 @@ def plot_latent_histograms(latents: Mapping[str, tuple], dims: Mapping[str, Sequ
         raise ValueError("every run must show the same number of dimensions")
     if axes is None:
         _, axes = new_figure("panel", ncols=num_cols, nrows=len(labels))
-        axes[0, 0].figure.set_size_inches(1.9 * num_cols, 1.6 * len(labels))
+        # at most the text column wide: a wider figure is scaled down on the page, its text with it
+        axes[0, 0].figure.set_size_inches(min(1.9 * num_cols, COLUMN_WIDTH), 1.6 * len(labels))
     for row, label in enumerate(labels):
         samples, loc, scale = (np.asarray(a, dtype=float) for a in latents[label])
         if xlim is None:
@@ -165,7 +168,7 @@ def plot_mixing_weights(weights, group_names: Sequence[str], ax=None, title: str
                 ax.text(t, g, f"{value:.2f}", ha="center", va="center", fontsize=6,
                         color="white" if value > 0.5 else "black")
     if colorbar:
-        ax.figure.colorbar(image, ax=ax, fraction=0.05, pad=0.02, label="mixing weight")
+        ax.figure.colorbar(image, ax=ax, fraction=0.05, pad=0.04, label="mixing weight")
     if title:
         ax.set_title(title)
     return ax
@@ -351,7 +354,9 @@ def plot_elbo_landscape(landscape, ax=None, path: tuple | None = None,
     if path is not None:
         px, py, values = (np.asarray(a, dtype=float) for a in path)
         segments = np.stack([np.column_stack([px[:-1], py[:-1]]), np.column_stack([px[1:], py[1:]])], axis=1)
-        line = LineCollection(segments, cmap="rocket_r", linewidths=4)
+        # the colour map's palest eighth left out: the path's low end stays visible on white
+        palette = sns.color_palette("rocket_r", as_cmap=True)
+        line = LineCollection(segments, cmap=ListedColormap(palette(np.linspace(0.15, 1.0, 256))), linewidths=4)
         line.set_array(0.5 * (values[:-1] + values[1:]))
         ax.add_collection(line)
         if colorbar:

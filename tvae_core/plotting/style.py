@@ -132,8 +132,8 @@ def finish_axes(ax, xlabel: str, ylabel: str, title: str | None = None, legend: 
 
 
 def _symlog_candidates() -> list[float]:
-    """0, then +-10^e, then +-5 x 10^e, then +-2 x 10^e (e = -3..5): the order in which ticks are kept."""
-    decades = range(-3, 6)
+    """0, then +-10^e, then +-5 x 10^e, then +-2 x 10^e (e = -4..5): the order in which ticks are kept."""
+    decades = range(-4, 6)
     return [0.0] + [sign * m * 10.0 ** e for m in (1, 5, 2) for e in decades for sign in (1, -1)]
 
 

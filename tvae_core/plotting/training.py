@@ -356,8 +356,9 @@ def plot_kl_per_dimension(kl: Mapping[str, Sequence[float]], ax=None, sort: bool
         x = np.arange(values.size) + (i - (n_runs - 1) / 2) * width
         name = label if not active or label not in active else f"{label} ({active[label]} active)"
         ax.bar(x, values, width=width, color=styles[label]["color"], label=name)
-    if logy:
-        symlog_axis(ax, "y", linthresh=1e-2)
+    if logy:   # linear only below 1e-4 nats: a collapsed run's dimensions stay visible
+        symlog_axis(ax, "y", linthresh=1e-4)
+        ax.set_ylim(bottom=0.0)
     xlabel = "latent dimension (sorted by KL)" if sort else "latent dimension $d$"
     # \mathrm, not \mathbb or \mathcal: the SVG keeps text as text, and a browser has no font for
     # matplotlib's private-use glyphs of blackboard and calligraphic letters
