@@ -20,13 +20,16 @@ def plot_bound_decomposition(decomposition, ax=None, title: str | None = None, a
     if ax is None:
         ax = new_figure("bar")[1][0, 0]
     d = decomposition
+    h = "H" if d.entropy_is_exact else r"\hat H"      # a language model's cross-entropy stands in for H
     rows = [                                          # (row label, [(term, left, width)]), top first
-        ("$H$" if d.entropy_is_exact else "$H$ (LM proxy)", [("entropy", 0.0, d.entropy)]),
+        ("$H$" if d.entropy_is_exact else r"$\hat H$ (LM proxy)", [("entropy", 0.0, d.entropy)]),
         ("$-$ELBO", [("distortion", 0.0, d.distortion), ("rate", d.distortion, d.rate)]),
         ("MI bounds", [("lower_gap", d.lower_bound, d.lower_gap),
                        ("upper_gap", d.mutual_information, d.upper_gap)]),
-        ("$-$ELBO $- H$", [("lower_gap", 0.0, d.lower_gap), ("upper_gap", d.lower_gap, d.upper_gap)]),
+        (f"$-$ELBO $- {h}$", [("lower_gap", 0.0, d.lower_gap), ("upper_gap", d.lower_gap, d.upper_gap)]),
     ]
+    labels = dict(TERM_LABELS) if d.entropy_is_exact else {
+        **TERM_LABELS, "entropy": r"entropy proxy $\hat H$ (LM cross-entropy)", "lower_bound": r"lower bound $\hat H - D$"}
     ends = [v for _, segs in rows for _, left, width in segs for v in (left, left + width)]
     span = max(max(ends) - min(ends + [0.0]), 1e-9)
     top = len(rows) - 1
@@ -34,15 +37,15 @@ def plot_bound_decomposition(decomposition, ax=None, title: str | None = None, a
         y = top - row
         for term, left, width in segments:
             ax.barh(y, width, left=left, color=TERM_COLOURS[term], edgecolor="white", height=0.6,
-                    label=TERM_LABELS[term])
+                    label=labels[term])
             if annotate and abs(width) > 0.15 * span:   # only where "123.45" fits inside the bar
                 ax.text(left + width / 2, y, f"{width:.2f}", ha="center", va="center", fontsize=8,
                         color="white")
     y_mi = top - 2
     if d.lower_bound > 0:                             # the guaranteed part of I_q, from 0 to H - D
         ax.barh(y_mi, d.lower_bound, color=TERM_COLOURS["lower_bound"], height=0.3, alpha=0.7,
-                label=TERM_LABELS["lower_bound"])
-    ticks = [(d.lower_bound, "$H-D$", "lower_bound"), (d.mutual_information, "$I_q$", "mutual_information"),
+                label=labels["lower_bound"])
+    ticks = [(d.lower_bound, f"${h}-D$", "lower_bound"), (d.mutual_information, "$I_q$", "mutual_information"),
              (d.upper_bound, "$R$", "rate")]
     for value, _, term in ticks:
         ax.plot([value, value], [y_mi - 0.38, y_mi + 0.38], color=TERM_COLOURS[term], lw=2.5)

@@ -379,7 +379,7 @@ _PATH_TERMS = {  # key -> (label, colour, style)
     "rate": (TERM_LABELS["rate"], TERM_COLOURS["rate"], "-"),
     "distortion": (TERM_LABELS["distortion"], TERM_COLOURS["distortion"], "-"),
     "mutual_information": (TERM_LABELS["mutual_information"], TERM_COLOURS["mutual_information"], "-"),
-    "marginal_kl": (r"marginal KL $\mathrm{KL}(q(z)\,\|\,p(z))$", TERM_COLOURS["upper_gap"], "-"),
+    "marginal_kl": ("marginal KL (upper gap)", TERM_COLOURS["upper_gap"], "-"),
     "lower_gap": ("lower gap", TERM_COLOURS["lower_gap"], "-"),
     "log_likelihood": (r"$\mathrm{E}\log p(x)$", OKABE_ITO[5], "--"),
 }
