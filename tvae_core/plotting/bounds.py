@@ -49,19 +49,24 @@ def plot_bound_decomposition(decomposition, ax=None, title: str | None = None, a
              (d.upper_bound, "$R$", "rate")]
     for value, _, term in ticks:
         ax.plot([value, value], [y_mi - 0.38, y_mi + 0.38], color=TERM_COLOURS[term], lw=2.5)
-    # ticks closer than an eighth of the axis share one label, in order and true as written
-    # ("$H-D$ = $I_q$ <= $R$"), above the row: separate labels never run into each other
-    groups: list[list] = []
+    # a tick whose label would run into the previous label joins it, in order and true as written
+    # ("$H-D$ = $I_q$ <= $R$"); every label sits above the row, left-aligned at its first tick
+    axis_points = ax.get_position().width * ax.figure.get_size_inches()[0] * 72.0
+
+    def width(text: str) -> float:   # a label's width as a fraction of the axis, roughly (8 pt text)
+        visible = text.replace("$", "").replace(r"\leq", "<").replace(r"\hat ", "").replace("_", "")
+        return 0.7 * 8.0 * (len(visible) + 2) / axis_points   # mathtext spaces its operators
+
+    groups: list[list] = []   # [first value, text, last value]
     for value, label, _ in sorted(ticks):
-        if groups and value - groups[-1][0] < 0.12 * span:
-            groups[-1][1].append((value, label))
+        if groups and (value - groups[-1][0]) / span < width(groups[-1][1]) + 0.02:
+            joiner = " = " if value - groups[-1][2] < 1e-3 else r" $\leq$ "
+            groups[-1][1] += joiner + label
+            groups[-1][2] = value
         else:
-            groups.append([value, [(value, label)]])
-    for start, members in groups:
-        text = members[0][1]
-        for (previous, _), (value, label) in zip(members, members[1:]):
-            text += (" = " if value - previous < 1e-3 else r" $\leq$ ") + label
-        ax.text(start, y_mi + 0.42, text, ha="left" if len(members) > 1 else "center", va="bottom", fontsize=8)
+            groups.append([value, label, value])
+    for start, text, _ in groups:
+        ax.text(start, y_mi + 0.42, text, ha="left", va="bottom", fontsize=8)
     ax.axvline(0.0, color="black", lw=0.8)
     ax.set_yticks(range(len(rows)), [label for label, _ in reversed(rows)])
     ax.set_ylim(-0.6, top + 0.7)
