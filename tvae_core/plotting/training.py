@@ -147,6 +147,7 @@ def plot_training_curves(histories: Mapping[str, Mapping], quantity: str = "rate
             ax.axhline(targets[label], color=style["color"], ls="--", lw=1.0)
     if logy:
         symlog_axis(ax, "y", linthresh=0.1)
+        ax.margins(y=0.08)          # a validation marker at the top is drawn whole
         ax.set_ylim(bottom=0.0)
     return finish_axes(ax, "optimiser step", ylabel or quantity, title, legend)
 
