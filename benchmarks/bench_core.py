@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from bench_steps import training_batches  # noqa: F401  (this script's folder is on sys.path; re-exported)
+from bench_steps import training_batches  # this script's folder is on sys.path
 from tvae_core.allocator import keep_freed_memory
 from tvae_core import native
 from tvae_core.data import iterate_batches, load_corpus

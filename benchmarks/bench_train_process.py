@@ -23,7 +23,8 @@ import time
 
 def worker(method: str, profile: str, threads: int) -> dict[str, float]:
     import torch
-    from bench_core import training_batches, training_pass  # this script's folder is on sys.path
+    from bench_core import training_pass  # this script's folder is on sys.path
+    from bench_steps import training_batches
 
     from tvae_core.allocator import keep_freed_memory
     from tvae_core.data import load_corpus

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from bench_core import training_batches  # this script's folder is on sys.path
+from bench_steps import training_batches  # this script's folder is on sys.path
 from tvae_core.allocator import keep_freed_memory
 from tvae_core.data import load_corpus
 from tvae_core.experiments import method_config

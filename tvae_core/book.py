@@ -181,13 +181,14 @@ def execute_all(profile: str, kernel: str | None = None, only: list[str] | None 
     notebooks = [nb for nb in source_notebooks(pretrained)
                  if not only or any(nb.stem.startswith(o) for o in only)]
     notebooks.sort(key=_previous_seconds, reverse=True)
+    declared = {nb: _declared_parameters(nb) for nb in notebooks} if parameters else {}
     if parameters:   # a misspelt name would otherwise re-run the default pages without a word
         # runs_dir comes from make's RUNS_DIR for every page; a page without runs has no use for it
-        declared = {"runs_dir"} | {name for nb in notebooks for name in _declared_parameters(nb)}
-        unknown = sorted(set(parameters) - declared)
+        accepted = {"runs_dir"}.union(*declared.values())
+        unknown = sorted(set(parameters) - accepted)
         if unknown:
             raise ValueError(f"PARAMS {unknown}: declared by none of the notebooks {[nb.stem for nb in notebooks]}; "
-                             f"accepted names: {sorted(declared)}")
+                             f"accepted names: {sorted(accepted)}")
     output = output_dir_for(profile)
     if workers > 1:
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"  # inherited by every kernel
@@ -199,7 +200,7 @@ def execute_all(profile: str, kernel: str | None = None, only: list[str] | None 
         print(f"[execute] {source.name} (profile={profile}) ...", flush=True)
         try:
             seconds = execute_notebook(source, output / source.name, profile, kernel,
-                                       _known_parameters(source, parameters))
+                                       _known_parameters(source, parameters, declared.get(source)))
             print(f"[execute] {source.name}: {seconds:.1f} s", flush=True)
         except NotebookFailed as err:
             print(f"[execute] FAILED: {err}", file=sys.stderr, flush=True)
@@ -217,12 +218,13 @@ def execute_all(profile: str, kernel: str | None = None, only: list[str] | None 
     return 0
 
 
-def _known_parameters(source: Path, parameters: dict | None) -> dict:
-    """The ``parameters`` that ``source`` declares: ``PARAMS='target_rates=[2,6]'`` applies to the
-    notebooks that have target rates and leaves the others alone."""
+def _known_parameters(source: Path, parameters: dict | None, declared: set[str] | None = None) -> dict:
+    """The ``parameters`` that ``source`` declares (``declared``: its names, when already read):
+    ``PARAMS='target_rates=[2,6]'`` applies to the notebooks that have target rates and leaves the
+    others alone."""
     if not parameters:
         return {}
-    declared = _declared_parameters(source)
+    declared = _declared_parameters(source) if declared is None else declared
     return {k: v for k, v in parameters.items() if k in declared}
 
 

@@ -28,7 +28,7 @@ def plot_bound_decomposition(decomposition, ax=None, title: str | None = None, a
                        ("upper_gap", d.mutual_information, d.upper_gap)]),
         (f"$-$ELBO $- {h}$", [("lower_gap", 0.0, d.lower_gap), ("upper_gap", d.lower_gap, d.upper_gap)]),
     ]
-    labels = dict(TERM_LABELS) if d.entropy_is_exact else {
+    labels = TERM_LABELS if d.entropy_is_exact else {
         **TERM_LABELS, "entropy": r"entropy proxy $\hat H$ (LM cross-entropy)", "lower_bound": r"lower bound $\hat H - D$"}
     ends = [v for _, segs in rows for _, left, width in segs for v in (left, left + width)]
     span = max(max(ends) - min(ends + [0.0]), 1e-9)

@@ -131,15 +131,14 @@ def finish_axes(ax, xlabel: str, ylabel: str, title: str | None = None, legend: 
     return ax
 
 
-def _symlog_candidates() -> list[float]:
-    """0, then +-10^e, then +-5 x 10^e, then +-2 x 10^e (e = -4..5): the order in which ticks are kept."""
-    decades = range(-4, 6)
-    return [0.0] + [sign * m * 10.0 ** e for m in (1, 5, 2) for e in decades for sign in (1, -1)]
+# symmetric-log tick candidates in the order they are kept: 0, then +-10^e, then +-5 x 10^e, then
+# +-2 x 10^e (e = -4..5)
+_SYMLOG_CANDIDATES = np.array([0.0] + [sign * m * 10.0 ** e for m in (1, 5, 2) for e in range(-4, 6) for sign in (1, -1)])
 
 
 class SymlogTicks(Locator):
-    """Ticks for a symmetric-log axis that never crowd: from the candidates of
-    :func:`_symlog_candidates` (0 first, then powers of ten, then 5s and 2s) keep each one at least
+    """Ticks for a symmetric-log axis that never crowd: from the candidates (0 first, then powers
+    of ten, then 5s and 2s; ``_SYMLOG_CANDIDATES``) keep each one at least
     ``min_separation`` (a fraction of the axis length, in the axis's own scale) away from every tick
     already kept. A linear region of a few units around 0 then shows 0 and a tick or two, not a
     pile of 0.1, 0.2, 0.5 labels; a span of many decades shows the powers of ten only."""
@@ -157,13 +156,11 @@ class SymlogTicks(Locator):
         start, end = scale.transform(np.array([low, high], dtype=float))
         if not end > start:
             return [low]
+        shown = _SYMLOG_CANDIDATES[(_SYMLOG_CANDIDATES >= low) & (_SYMLOG_CANDIDATES <= high)]
         kept, places = [], []
-        for value in _symlog_candidates():
-            if not low <= value <= high:
-                continue
-            place = (float(scale.transform(np.array([value]))[0]) - start) / (end - start)
+        for value, place in zip(shown, (scale.transform(shown) - start) / (end - start)):
             if all(abs(place - other) >= self.min_separation for other in places):
-                kept.append(value)
+                kept.append(float(value))
                 places.append(place)
         return sorted(kept)
 
