@@ -274,12 +274,12 @@ class TrainConfig:
     eval_every: int = 250
     checkpoint_every: int = 500
     seed: int = 0
-    # > 1 is not what the book uses or tests: the step counter, the rate schedules and the MDR
-    # multiplier then count micro-batches while the learning-rate warm-up counts optimiser steps,
-    # and gradients are clipped on every micro-batch
+    # each step's batch_size sentences in this many equal micro-batches, for memory: still one
+    # optimiser step (the step counter, schedules, warm-up, clipping and the MDR multiplier count
+    # steps). Free bits and MDR see each micro-batch's rate, and an MDR rate EMA advances per
+    # micro-batch, so those runs differ from unaccumulated ones by more than rounding
     gradient_accumulation_steps: int = 1
-    # no | fp16 | bf16 (Accelerate; GPU only). Not fp16 with MDR: the multiplier's optimiser goes
-    # through the same GradScaler, which unscales its gradient a second time and so all but stops it
+    # no | fp16 | bf16 (Accelerate; fp16 on a CUDA GPU only)
     mixed_precision: str = "no"
     lm_head_dtype: str = "float32"  # float32 | bfloat16: the blocked LM head's matmuls (tvae_core.lm_head)
     # torch threads of the training process, set by train() and restored after it: one and two

@@ -285,7 +285,12 @@ def evaluate_model(model, sequences: list[list[int]], pad_id: int, size: Estimat
 def evaluate_run(run: Run, size: EstimatorSize, split: str = "test", seed: int = 0, *,
                  progress: bool = True) -> RunEvaluation:
     """All held-out numbers of one run with the estimator sizes ``size`` (a profile's
-    ``estimators``), cached next to the run; see the module docstring."""
+    ``estimators``), cached next to the run; see the module docstring.
+
+    A run trained with ``model.deterministic_encoder`` is measured as the Gaussian-encoder model
+    its weights define (the estimators need q(z|x)'s density and draws): its decoder was trained
+    on the posterior means only, so the IW bound and the MI estimates describe a model that
+    training never sampled from."""
     from safetensors.torch import save_file
 
     if not isinstance(size, EstimatorSize):

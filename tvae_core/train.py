@@ -187,6 +187,45 @@ def _raise_non_finite(name: str, step: int, value: torch.Tensor):
                            "lower train.learning_rate or check the data")
 
 
+def _micro_batches(batch: dict[str, torch.Tensor], count: int) -> list[dict[str, torch.Tensor]]:
+    """``batch`` in ``count`` equal, contiguous slices (equal sizes, so the mean of their mean
+    losses is the batch's mean loss, and the gradients Accelerate averages are the batch's)."""
+    if count == 1:
+        return [batch]
+    return [dict(zip(batch, parts)) for parts in zip(*(v.chunk(count) for v in batch.values()))]
+
+
+def _merge_micro_batches(parts: list[tuple]) -> tuple:
+    """One step's ``(loss, terms, diagnostics)`` from its micro-batches': the per-batch terms
+    (:data:`_AVERAGED`) averaged, the others (beta, the multiplier) the last micro-batch's, and
+    the terms that the finite checks read concatenated."""
+    if len(parts) == 1:
+        return parts[0]
+    losses, terms, diagnostics = zip(*parts)
+    merged = dict(diagnostics[-1])
+    for name in _AVERAGED:
+        if name in merged:
+            values = [d[name] for d in diagnostics]
+            merged[name] = (torch.stack(values).mean() if isinstance(values[0], torch.Tensor)
+                            else sum(values) / len(values))
+    checked = {k: torch.cat([t[k].detach() for t in terms]) for k in ("distortion", "kl_per_dim")}
+    return torch.stack([loss.detach() for loss in losses]).mean(), checked, merged
+
+
+def _unscale_state_gradient(state: nn.Module, scaler) -> None:
+    """Divide the gradients of a method's own state (the MDR multiplier) by fp16's loss scale
+    (no scaler: nothing to do); a non-finite one (the scale overflowed it) is dropped, so its
+    optimiser skips the step, as the scaler makes the model's optimiser skip its own."""
+    if scaler is None:
+        return
+    inverse_scale = 1.0 / scaler.get_scale()
+    for parameter in state.parameters():
+        if parameter.grad is not None:
+            parameter.grad.mul_(inverse_scale)
+            if not torch.isfinite(parameter.grad).all():
+                parameter.grad = None
+
+
 @contextlib.contextmanager
 def _earlier_divergence_first(deferred: "_DeferredDiagnostics | None"):
     """A step that fails (e.g. q(z|x)'s arguments are NaN) after an unread non-finite step raises
@@ -339,8 +378,9 @@ def _train(config: RunConfig, output_dir: Path, partial_dir: Path, *, progress: 
                               mixed_precision=tc.mixed_precision, cpu=resolve_device().type == "cpu",
                               step_scheduler_with_optimizer=False)
     world, rank = accelerator.num_processes, accelerator.process_index
-    if tc.batch_size % world:
-        raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the number of processes ({world})")
+    if tc.batch_size % (world * tc.gradient_accumulation_steps):
+        raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the number of processes ({world}) "
+                         f"times train.gradient_accumulation_steps ({tc.gradient_accumulation_steps})")
 
     torch.manual_seed(tc.seed)
     corpus = training_corpus(config)
@@ -359,9 +399,10 @@ def _train(config: RunConfig, output_dir: Path, partial_dir: Path, *, progress: 
     if start_step:
         accelerator.print(f"[tvae] resuming {config.label or config.key} from step {start_step}")
 
+    # the multiplier's optimiser stays unprepared: prepared, it would go through fp16's GradScaler
+    # a second time (unscaled with the model's gradients, then again by its own step); it is
+    # stepped by hand, once per optimiser step, on a gradient unscaled here
     module, optimizer = accelerator.prepare(module, optimizer)
-    if multiplier_opt is not None:  # wrapped so that it, too, only steps on synchronised steps
-        multiplier_opt = accelerator.prepare(multiplier_opt)
     raw_module = accelerator.unwrap_model(module)
     module.train()
 
@@ -402,19 +443,27 @@ def _train(config: RunConfig, output_dir: Path, partial_dir: Path, *, progress: 
     for step in bar:
         timer.at_step(step)
         torch.manual_seed(_step_seed(tc.seed, step))
-        with accelerator.accumulate(module), _earlier_divergence_first(deferred):
-            terms = module(batch_for(step))
-            loss, diagnostics = compute_loss(terms, oc, step, tc.max_steps, raw_module.multiplier,
-                                             read=deferred is None)
-            if deferred is None:
-                _check_finite(step, loss, terms)
-            accelerator.backward(loss)
+        with _earlier_divergence_first(deferred):
+            # one optimiser step over the step's batch, in train.gradient_accumulation_steps
+            # micro-batches (Accelerate averages their gradients and syncs on the last)
+            parts = []
+            for micro_batch in _micro_batches(batch_for(step), tc.gradient_accumulation_steps):
+                with accelerator.accumulate(module):
+                    terms = module(micro_batch)
+                    loss, diagnostics = compute_loss(terms, oc, step, tc.max_steps, raw_module.multiplier,
+                                                     read=deferred is None)
+                    if deferred is None:
+                        _check_finite(step, loss, terms)
+                    accelerator.backward(loss)
+                parts.append((loss, terms, diagnostics))
+            loss, terms, diagnostics = _merge_micro_batches(parts)
             grad_norm = accelerator.clip_grad_norm_(raw_module.vae.parameters(), tc.grad_clip)
             if deferred is None and not torch.isfinite(torch.as_tensor(grad_norm)):
                 raise TrainingDiverged(f"non-finite gradient norm at step {step} (loss {loss.item():.4g})")
+            if multiplier_opt is not None:  # before the model's step, which may change a loss scale
+                _unscale_state_gradient(raw_module.multiplier, accelerator.scaler)
             optimizer.step()
-            if accelerator.sync_gradients:
-                scheduler.step()
+            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if multiplier_opt is not None:
                 multiplier_opt.step()
