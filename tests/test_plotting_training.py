@@ -28,6 +28,16 @@ def test_shades_and_run_styles():
     assert styles["MDR 4"]["marker"] == plotting.METHOD_MARKERS["MDR"]
 
 
+def test_runs_of_one_method_differ_by_marker_fill_in_the_training_curves():
+    # three VAEs (page 01's, by decoder strength) share the VAE's marker: told apart by more than a shade
+    labels = ["VAE", "VAE, word dropout 0.5", "VAE, word dropout 1"]
+    ax = plotting.plot_training_curves({label: _history() for label in labels}, methods=dict.fromkeys(labels, "vae"))
+    validation = [line for line in ax.get_lines() if line.get_marker() not in (None, "None", "")]
+    assert [line.get_fillstyle() for line in validation] == ["full", "none", "left"]
+    assert len({line.get_marker() for line in validation}) == 1
+    plt.close("all")
+
+
 @pytest.mark.parametrize("label", ["VAE", "AE", "MDR", "CYC-FB", "LM", "cyc_fb"])
 def test_a_registry_label_or_name_needs_no_methods(label):
     style = plotting.run_styles([label])[label]
@@ -51,7 +61,7 @@ def test_an_unusual_label_gets_its_method_from_methods():
     for method in (run, config, config.objective, get_method("mdr"), "mdr", "MDR"):
         style = plotting.run_styles(["my run"], methods={"my run": method})["my run"]
         assert style == {"color": get_method("mdr").colour.lower(), "marker": get_method("mdr").marker,
-                         "method": "MDR"}
+                         "method": "MDR", "fillstyle": "full"}
     # the method, not the label, decides: a run called "VAE" trained with MDR is drawn as MDR
     assert plotting.run_styles(["VAE"], methods={"VAE": config})["VAE"]["method"] == "MDR"
     ax = plotting.plot_training_curves({"my run": _history()}, methods={"my run": run})
@@ -131,6 +141,12 @@ def test_the_latent_figures_take_methods_and_keep_the_prior():
     assert {t.get_text() for t in ax.get_legend().get_texts()} == {"VAE", "FB", "prior"}
     with pytest.raises(ValueError, match="run label 'my run' names no method"):
         plotting.plot_versus_rate([0.1, 4.0], [0.0, 1.0], ["VAE", "my run"])
+    # an open marker at the spot of a filled one (page 04: the thesis-multiplier MDR) is drawn over it
+    ax = plotting.plot_versus_rate([4.0, 4.0], [1.0, 1.0], ["MDR 4", "MDR 16 (thesis)"], hollow=[False, True],
+                                   methods={"MDR 4": "mdr", "MDR 16 (thesis)": "mdr"})
+    filled, hollow = ax.collections
+    assert hollow.get_zorder() > filled.get_zorder() and hollow.get_sizes()[0] > filled.get_sizes()[0]
+    assert len(hollow.get_facecolors()) == 0 or hollow.get_facecolors()[0][3] == 0   # open
     ax = plotting.plot_kl_decomposition_by_run(["VAE", "my run"], [0.0, 1.0], [0.1, 2.0], methods=methods)
     colours = {t.get_text(): t.get_color() for t in ax.get_yticklabels()}
     assert colours["my run"] == plotting.METHOD_COLOURS["FB"]

@@ -225,8 +225,9 @@ def plot_versus_rate(rates, values, labels: Sequence[str], ax=None, errors=None,
             style = dict(color=colour)
         else:
             style = dict(facecolors="none" if hollow[i] else colour, edgecolors=colour)
-        ax.scatter(rates[i], values[i], s=55, marker=marker, zorder=3, linewidths=1.3,
-                   label=method if method not in seen else None, **style)
+        # an open marker goes on top, a little larger: it rings a filled one at the same spot
+        ax.scatter(rates[i], values[i], s=80 if hollow[i] else 55, marker=marker, zorder=4 if hollow[i] else 3,
+                   linewidths=1.3, label=method if method not in seen else None, **style)
         seen.add(method)
     ax.axhline(0.0, color="black", lw=0.6)
     if symlog:

@@ -73,6 +73,9 @@ def shades(colour: str, n: int, lightest: float = 0.45, darkest: float = 0.4) ->
     return out
 
 
+_MEMBER_FILLS = ("full", "none", "left", "bottom", "right", "top")   # matplotlib's marker fill styles
+
+
 def run_styles(labels: Sequence[str], colours: Mapping[str, str] | None = None,
                methods: Mapping[str, object] | None = None) -> dict[str, dict]:
     """Line/marker style per run label: the method's colour (shaded when a method has several
@@ -82,7 +85,9 @@ def run_styles(labels: Sequence[str], colours: Mapping[str, str] | None = None,
     a registry label or name (``"VAE"``, ``"AE"``, ``"mdr"``); any other raises ValueError naming
     it (labels are never parsed: ``"FB 16"`` needs ``methods``).
 
-    Returns ``{label: {"color": ..., "marker": ..., "method": ...}}`` (``method``: the registry label).
+    Returns ``{label: {"color": ..., "marker": ..., "fillstyle": ..., "method": ...}}`` (``method``:
+    the registry label; ``fillstyle``: full for a method's first run, then open, half-filled, ...,
+    so that runs of one method differ by more than a shade where markers are drawn).
     """
     labels = list(labels)
     by_method: dict[str, list[str]] = {}
@@ -94,8 +99,9 @@ def run_styles(labels: Sequence[str], colours: Mapping[str, str] | None = None,
     styles = {}
     for name, members in by_method.items():
         method = entries[name]
-        for label, colour in zip(members, shades(method.colour, len(members))):
-            styles[label] = {"color": colour, "marker": method.marker, "method": name}
+        for i, (label, colour) in enumerate(zip(members, shades(method.colour, len(members)))):
+            styles[label] = {"color": colour, "marker": method.marker, "method": name,
+                             "fillstyle": _MEMBER_FILLS[i % len(_MEMBER_FILLS)]}
     for label, colour in (colours or {}).items():
         if label in styles:
             styles[label]["color"] = colour
@@ -142,7 +148,7 @@ def plot_training_curves(histories: Mapping[str, Mapping], quantity: str = "rate
             steps, values = _valid_series(history, quantity)
             if steps.size:
                 ax.plot(steps, values, color=style["color"], lw=1.8, marker=style["marker"], ms=6,
-                        label=label)
+                        fillstyle=style["fillstyle"], markerfacecoloralt="white", label=label)
         if targets and label in targets:
             ax.axhline(targets[label], color=style["color"], ls="--", lw=1.0)
     if logy:
