@@ -64,3 +64,13 @@ def test_the_multipliers_gradient_is_unscaled_once_by_the_loss_scale():
     overflowed = torch.amp.GradScaler("cpu", init_scale=2.0 ** 200)   # the scaled gradient is inf in float32
     assert _multiplier_gradient(overflowed, float("inf")) is None    # dropped: its optimiser skips the step
     assert torch.equal(_multiplier_gradient(None), plain)            # no scaler (no fp16): untouched
+
+
+def test_the_cli_sets_accumulation_and_mixed_precision(monkeypatch):
+    from tvae_core import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "cmd_train", lambda args: seen.setdefault("cfg", cli._config_from_args(args)) and 0)
+    assert cli.main(["train", "--profile", "smoke", "--gradient-accumulation-steps", "4",
+                     "--mixed-precision", "bf16"]) == 0
+    assert seen["cfg"].train.gradient_accumulation_steps == 4 and seen["cfg"].train.mixed_precision == "bf16"

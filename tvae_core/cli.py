@@ -29,7 +29,8 @@ def _objectives_reading(flag: str) -> tuple[str, ...]:
     return tuple(m.name for m in METHODS.values() if flag in m.reads)
 # flags that build a config, hence meaningless next to --config
 _CONFIG_FLAGS = ("objective", "target_rate", "free_bits_variant", "beta", "injection", "word_dropout", "max_steps",
-                 "mdr_lr", "mdr_lambda_init", "seed", "corpus", "threads")
+                 "mdr_lr", "mdr_lambda_init", "seed", "corpus", "threads", "mixed_precision",
+                 "gradient_accumulation_steps")
 
 
 def _flag(name: str) -> str:
@@ -87,6 +88,10 @@ def _config_from_args(args) -> RunConfig:
         train["max_steps"] = args.max_steps
     if args.threads is not None:
         train["num_threads"] = args.threads
+    if args.mixed_precision is not None:
+        train["mixed_precision"] = args.mixed_precision
+    if args.gradient_accumulation_steps is not None:
+        train["gradient_accumulation_steps"] = args.gradient_accumulation_steps
     if args.mdr_lr is not None or args.mdr_lambda_init is not None:
         objective_changes = {}
         if args.mdr_lr is not None:
@@ -372,6 +377,12 @@ def main(argv=None) -> int:
                                   "90/5/5), or a folder with train.txt, valid.txt and test.txt")
     run_options.add_argument("--threads", type=int, default=None,
                              help="torch threads of training (train.num_threads, part of the run; default: 1)")
+    run_options.add_argument("--mixed-precision", default=None,
+                             help="train.mixed_precision: no | fp16 | bf16 (a GPU; fp16 on CUDA only); default: the "
+                                  "profile's")
+    run_options.add_argument("--gradient-accumulation-steps", type=int, default=None,
+                             help="train.gradient_accumulation_steps: each step's batch in this many micro-batches "
+                                  "(less memory, one optimiser step; default: 1)")
     run_options.add_argument("--config", default=None, help="a RunConfig as JSON (instead of the flags above)")
     run_options.add_argument("--snapshot", action="append", default=[], metavar="CONFIG",
                              help="a shorter run of the same config (a RunConfig JSON file; repeatable): "
