@@ -412,7 +412,7 @@ def plot_run_dots(values: Mapping[str, Mapping[str, float]], ax=None, errors: Ma
     ax.set_yticks(range(len(labels)), list(reversed(labels)))
     ax.set_ylim(-0.6, len(labels) - 0.4)
     ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
-    ax.margins(x=0.08)
+    ax.margins(x=0.15)   # a dot (or its error bar's cap) at either end stays clear of the frame
     ax.set_xlabel(xlabel)
     if title:
         ax.set_title(title)
