@@ -43,3 +43,37 @@ def test_symlog_ticks_never_crowd_and_keep_zero_and_powers_of_ten_first(low, hig
     # powers of ten are placed before any 5 or 2, so at least one of them is on the axis
     assert not (set(ticks) - {0.0}) or any(abs(t) in (0.001, 0.01, 0.1, 1.0, 10.0, 100.0, 1000.0) for t in ticks)
     plt.close(fig)
+
+
+@pytest.mark.parametrize("width_inches", [1.6, 2.4, 6.0])
+@pytest.mark.parametrize("axis", ["x", "y"])
+def test_symlog_tick_labels_never_overlap_at_the_panels_size(width_inches, axis):
+    # page 04's panels: rates from 0 to ~150 nats on a symlog axis linear within 10; on a narrow
+    # panel "50" and "100" ran into each other
+    from tvae_core.plotting.style import symlog_axis
+
+    fig, ax = plt.subplots(figsize=(width_inches, width_inches))
+    symlog_axis(ax, axis, linthresh=10.0)
+    (ax.set_xlim if axis == "x" else ax.set_ylim)(-5, 150)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    labels = ax.get_xticklabels() if axis == "x" else ax.get_yticklabels()
+    boxes = [label.get_window_extent(renderer) for label in labels if label.get_text()]
+    assert len(boxes) >= 3
+    for a, b in zip(boxes, boxes[1:]):
+        assert not a.overlaps(b), [label.get_text() for label in labels]
+    plt.close(fig)
+
+
+def test_a_wide_symlog_axis_keeps_the_fives_a_narrow_one_drops():
+    from tvae_core.plotting.style import symlog_axis
+
+    ticks = {}
+    for width in (1.6, 8.0):
+        fig, ax = plt.subplots(figsize=(width, 2.0))
+        symlog_axis(ax, "x", linthresh=10.0)
+        ax.set_xlim(-5, 150)
+        ticks[width] = ax.xaxis.get_major_locator()()
+        plt.close(fig)
+    assert 50.0 in ticks[8.0] and 100.0 in ticks[8.0]
+    assert 100.0 in ticks[1.6] and 50.0 not in ticks[1.6]

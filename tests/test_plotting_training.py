@@ -147,6 +147,10 @@ def test_the_latent_figures_take_methods_and_keep_the_prior():
     filled, hollow = ax.collections
     assert hollow.get_zorder() > filled.get_zorder() and hollow.get_sizes()[0] > filled.get_sizes()[0]
     assert len(hollow.get_facecolors()) == 0 or hollow.get_facecolors()[0][3] == 0   # open
+    # on symlog axes the rate axis starts just below 0, with no negative ticks (a rate is >= 0)
+    ax = plotting.plot_versus_rate([0.0, 4.0, 150.0], [-1.0, 1.0, 20.0], ["prior", "VAE", "AE"], symlog=True)
+    assert ax.get_xlim()[0] < 0 and min(ax.xaxis.get_major_locator()()) == 0.0
+    assert min(ax.yaxis.get_major_locator()()) < 0      # an estimate below 0 keeps its negative ticks
     ax = plotting.plot_kl_decomposition_by_run(["VAE", "my run"], [0.0, 1.0], [0.1, 2.0], methods=methods)
     colours = {t.get_text(): t.get_color() for t in ax.get_yticklabels()}
     assert colours["my run"] == plotting.METHOD_COLOURS["FB"]

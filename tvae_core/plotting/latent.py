@@ -231,8 +231,10 @@ def plot_versus_rate(rates, values, labels: Sequence[str], ax=None, errors=None,
         seen.add(method)
     ax.axhline(0.0, color="black", lw=0.6)
     if symlog:
-        symlog_axis(ax, "x", linthresh)
+        # a rate is never negative: the axis starts just below 0, with no negative ticks
+        symlog_axis(ax, "x", linthresh, lowest_tick=0.0)
         symlog_axis(ax, "y", linthresh)
+        ax.set_xlim(left=-0.15 * linthresh)
     for collection in ax.collections:   # a marker at the edge (the AE, far right) is drawn whole
         collection.set_clip_on(False)
     ax.set_xlabel("rate $R$ (nats)")

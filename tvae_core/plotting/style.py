@@ -138,17 +138,39 @@ _SYMLOG_CANDIDATES = np.array([0.0] + [sign * m * 10.0 ** e for m in (1, 5, 2) f
 
 class SymlogTicks(Locator):
     """Ticks for a symmetric-log axis that never crowd: from the candidates (0 first, then powers
-    of ten, then 5s and 2s; ``_SYMLOG_CANDIDATES``) keep each one at least
-    ``min_separation`` (a fraction of the axis length, in the axis's own scale) away from every tick
-    already kept. A linear region of a few units around 0 then shows 0 and a tick or two, not a
-    pile of 0.1, 0.2, 0.5 labels; a span of many decades shows the powers of ten only."""
+    of ten, then 5s and 2s; ``_SYMLOG_CANDIDATES``) keep each one clear of every tick already
+    kept, by at least ``min_separation`` of the axis length (in the axis's own scale) and by
+    enough for the two labels not to touch (their widths on an x axis, a line of text on a y
+    axis, at the axes' size in the figure). A linear region of a few units around 0 then shows 0
+    and a tick or two, not a pile of 0.1, 0.2, 0.5 labels; a span of many decades shows the
+    powers of ten only; a narrow panel drops the 50 between 20 and 100. No tick below
+    ``lowest`` (e.g. 0 on an axis of rates, which cannot be negative, padded below 0)."""
 
-    def __init__(self, min_separation: float = 0.08):
+    def __init__(self, min_separation: float = 0.08, lowest: float | None = None):
         self.min_separation = min_separation
+        self.lowest = lowest
 
     def __call__(self):
         low, high = self.axis.get_view_interval()
         return self.tick_values(low, high)
+
+    def _label_room(self) -> tuple[float, float, bool]:
+        """(axis length, tick label font size) in points, and whether the axis is horizontal."""
+        from matplotlib.font_manager import FontProperties
+
+        horizontal = self.axis.axis_name == "x"
+        axes = self.axis.axes
+        width, height = axes.figure.get_size_inches() * axes.get_position().size * 72.0
+        size = FontProperties(size=plt.rcParams[f"{self.axis.axis_name}tick.labelsize"]).get_size_in_points()
+        return (width if horizontal else height), size, horizontal
+
+    def _apart(self, a: float, b: float, distance: float, room: tuple[float, float, bool]) -> bool:
+        length, size, horizontal = room
+        if horizontal:   # half of each label, at ~0.6 em per character, and a gap of half an em
+            need = 0.3 * size * (len(f"{a:g}") + len(f"{b:g}")) + 0.5 * size
+        else:
+            need = 1.3 * size
+        return distance >= max(self.min_separation, need / length if length > 0 else 0.0)
 
     def tick_values(self, vmin, vmax):
         low, high = min(vmin, vmax), max(vmin, vmax)
@@ -156,23 +178,27 @@ class SymlogTicks(Locator):
         start, end = scale.transform(np.array([low, high], dtype=float))
         if not end > start:
             return [low]
-        shown = _SYMLOG_CANDIDATES[(_SYMLOG_CANDIDATES >= low) & (_SYMLOG_CANDIDATES <= high)]
+        room = self._label_room()
+        shown = _SYMLOG_CANDIDATES[(_SYMLOG_CANDIDATES >= max(low, -np.inf if self.lowest is None else self.lowest))
+                                   & (_SYMLOG_CANDIDATES <= high)]
         kept, places = [], []
         for value, place in zip(shown, (scale.transform(shown) - start) / (end - start)):
-            if all(abs(place - other) >= self.min_separation for other in places):
+            if all(self._apart(value, other, abs(place - where), room) for other, where in zip(kept, places)):
                 kept.append(float(value))
                 places.append(place)
         return sorted(kept)
 
 
-def symlog_axis(ax, which: str = "x", linthresh: float = 10.0, min_separation: float = 0.08):
+def symlog_axis(ax, which: str = "x", linthresh: float = 10.0, min_separation: float = 0.08,
+                lowest_tick: float | None = None):
     """A symmetric-log axis (linear within ``linthresh`` of 0) with plain-number ticks that never
-    crowd (:class:`SymlogTicks`: 0, powers of ten, then 5s and 2s where there is room); returns ``ax``."""
+    crowd (:class:`SymlogTicks`: 0, powers of ten, then 5s and 2s where there is room; none below
+    ``lowest_tick``); returns ``ax``."""
     from matplotlib.ticker import FuncFormatter, NullLocator
 
     axis = ax.xaxis if which == "x" else ax.yaxis
     (ax.set_xscale if which == "x" else ax.set_yscale)("symlog", linthresh=linthresh)
-    axis.set_major_locator(SymlogTicks(min_separation))
+    axis.set_major_locator(SymlogTicks(min_separation, lowest_tick))
     axis.set_minor_locator(NullLocator())
     axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     return ax
