@@ -195,9 +195,14 @@ def test_a_dead_builds_lock_is_removed_and_a_live_one_kept(tmp_path):
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 64, 150])
 def test_native_training_head_matches_the_torch_path_in_values_and_gradients(rows):
-    """TrainConfig.lm_head_kernel="native": the same NLL and gradients as the torch path's bfloat16
-    training head to float rounding, with a weighted sum (any incoming gradient), every block size,
-    and the padded rows of the last block contributing nothing."""
+    """TrainConfig.lm_head_kernel="native": the same NLL as the torch path's bfloat16 training head
+    to float rounding, and gradients as close to float64's (on the same bfloat16 operands) as the
+    torch path's, with a weighted sum (any incoming gradient), every block size, and the padded
+    rows of the last block contributing nothing. Where the CPU multiplies bfloat16 in hardware
+    both paths take its matmul and their gradients agree to float rounding; elsewhere torch's
+    software bfloat16 matmul rounds its own way, and the two differ at bfloat16's precision."""
+    from tvae_core.device import cpu_has_native_bfloat16
+
     h, w, t = _case(rows)
     g = torch.rand(rows, generator=torch.Generator().manual_seed(1))
     results = []
@@ -209,9 +214,18 @@ def test_native_training_head_matches_the_torch_path_in_values_and_gradients(row
         results.append((nll.detach(), hidden.grad, weight.grad))
     (nll_torch, gh_torch, gw_torch), (nll_native, gh_native, gw_native) = results
     torch.testing.assert_close(nll_native, nll_torch, rtol=0, atol=5e-6)
-    for native_grad, torch_grad in ((gh_native, gh_torch), (gw_native, gw_torch)):
+    hidden, weight = h.bfloat16().double().requires_grad_(), w.bfloat16().double().requires_grad_()
+    (F.cross_entropy(hidden @ weight.T, t, reduction="none") * g.double()).sum().backward()
+
+    def relative(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+    for native_grad, torch_grad, exact in ((gh_native, gh_torch, hidden.grad), (gw_native, gw_torch, weight.grad)):
         assert native_grad.dtype == torch.float32
-        assert ((native_grad - torch_grad).norm() / torch_grad.norm()).item() < 2e-5
+        assert relative(native_grad, exact) < 1e-2                                  # bfloat16's precision
+        assert relative(native_grad, exact) <= 1.1 * relative(torch_grad, exact) + 1e-6
+        if cpu_has_native_bfloat16():
+            assert relative(native_grad, torch_grad) < 2e-5
 
 
 @needs_kernel

@@ -124,10 +124,14 @@ def compute_paths() -> dict[str, str]:
 
     from . import native
     from .allocator import child_environment
+    from .device import HEAD_DTYPE_ENV, cpu_head_dtype
 
+    why = f"{HEAD_DTYPE_ENV}=float32" if os.environ.get(HEAD_DTYPE_ENV) else "this CPU has no bfloat16 in hardware"
+    head = native.describe() if cpu_head_dtype() == "bfloat16" else \
+        f"not used: the CPU profiles' LM head is float32 ({why})"
     # the kernels start with child_environment() (execute_all)
     return {"torch CPU capability": torch.backends.cpu.get_cpu_capability(),
-            "LM head in bfloat16 evaluation": native.describe(),
+            "LM head in bfloat16 evaluation": head,
             "malloc": "glibc, freed memory kept (tvae_core.allocator)" if child_environment() else "the system's defaults"}
 
 

@@ -18,6 +18,36 @@ from collections.abc import Mapping
 import torch
 
 DEVICE_ENV = "TVAE_DEVICE"
+HEAD_DTYPE_ENV = "TVAE_CPU_HEAD_DTYPE"
+HEAD_DTYPES = ("float32", "bfloat16")
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (x86-64 with AVX512-BF16 or AMX,
+    which torch's CPU kernels then use). Elsewhere torch converts bfloat16 in software: one
+    64 x 64 x 10k block of the LM head took 40.6 ms in bfloat16 and 4.8 ms in float32 on an AVX2
+    AMD EPYC, where an AVX512-BF16 one ran bfloat16 3.9x faster than float32 (benchmarks/README.md).
+    No ARM machine was measured, so ARM counts as without."""
+    def supported(name: str) -> bool:
+        check = getattr(torch.cpu, name, None)   # private probes of torch's own CPU dispatch
+        return bool(check()) if callable(check) else False
+
+    return supported("_is_avx512_bf16_supported") or supported("_is_amx_tile_supported")
+
+
+def cpu_head_dtype() -> str:
+    """The LM head's dtype in the CPU profiles (``smoke``, ``default``): ``bfloat16`` where the CPU
+    computes it in hardware (:func:`cpu_has_native_bfloat16`), else ``float32``, which is then ~10x
+    faster. ``$TVAE_CPU_HEAD_DTYPE`` overrides it (``bfloat16`` trains the very runs of a page
+    built on such a CPU, slowly). It is part of every run's config, hence of its key: the two
+    dtypes give numbers that differ in the second or third digit, never the same cached run."""
+    chosen = os.environ.get(HEAD_DTYPE_ENV) or None
+    if chosen is None:
+        return "bfloat16" if cpu_has_native_bfloat16() else "float32"
+    if chosen not in HEAD_DTYPES:
+        raise ValueError(f"{HEAD_DTYPE_ENV}={chosen!r} is not accepted; accepted values: {HEAD_DTYPES} "
+                         "(unset: bfloat16 where the CPU has it in hardware, else float32)")
+    return chosen
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import ObjectiveConfig, RunConfig
+from .device import cpu_head_dtype
 
 PROFILE_NAMES = ("smoke", "default", "full")
 
@@ -133,6 +134,12 @@ class Profile:
         return self.base_config().train
 
 
+# the LM head's dtype on the CPU: bfloat16 where the CPU has it in hardware, float32 elsewhere (in
+# software bfloat16 is ~10x slower; tvae_core.device.cpu_head_dtype). The compiled training kernel
+# is bfloat16's, so a float32 head trains on the torch path
+_CPU_HEAD = cpu_head_dtype()
+_CPU_HEAD_TRAINING = {"lm_head_dtype": _CPU_HEAD, "lm_head_kernel": "native" if _CPU_HEAD == "bfloat16" else "torch"}
+
 PROFILES: dict[str, Profile] = {
     "smoke": Profile(
         name="smoke",
@@ -140,7 +147,7 @@ PROFILES: dict[str, Profile] = {
                       "max_test_sentences": 64},
              "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "latent_dim": 8},
              "train": {"max_steps": 30, "batch_size": 16, "eval_every": 15, "checkpoint_every": 15,
-                       "lm_head_dtype": "bfloat16"}},
+                       "lm_head_dtype": _CPU_HEAD}},
         budget_steps=(10, 20, 30), budget_longest=("FB 32", "MDR 32"),
         estimators=EstimatorSize(iw_num_samples=8, iw_max_sentences=32,
                                  mmd_num_samples=64, mmd_permutations=50),
@@ -157,9 +164,10 @@ PROFILES: dict[str, Profile] = {
     "default": Profile(
         name="default",
         # The budget study (notebook 07, benchmarks/budget_study.md) chose 1,500 steps of 32 sentences
-        # (1.1 epochs of PTB): at 600 the runs had not learned to use z yet. The compiled LM head and
-        # diagnostics read every 50 steps make a step ~0.06 s on one thread (two runs share the 2
-        # cores); validation every 250 steps. The warm-up is the 600-step budget's, so every budget
+        # (1.1 epochs of PTB): at 600 the runs had not learned to use z yet. With diagnostics read
+        # every 50 steps a step takes ~0.06 s on one thread with the compiled bfloat16 LM head (a CPU
+        # with AVX512-BF16), ~0.13 s with the float32 head elsewhere (an AVX2 EPYC; two runs share
+        # the 2 cores); validation every 250 steps. The warm-up is the 600-step budget's, so every budget
         # of the study and the book's grid follow the same learning-rate curve and share runs.
         # A 1-layer encoder: as deep as the decoder it costs what the decoder's transformer body
         # costs, the VAE step well over the LM's (benchmarks/README.md); the inference network needs
@@ -169,8 +177,7 @@ PROFILES: dict[str, Profile] = {
                       "max_eval_sentences": 1000, "max_test_sentences": None},
              "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "encoder_layers": 1, "latent_dim": 32},
              "train": {"max_steps": 1500, "batch_size": 32, "eval_every": 250, "checkpoint_every": 500,
-                       "lm_head_dtype": "bfloat16", "lm_head_kernel": "native", "sync_every": 50,
-                       "lr_warmup_steps": 60}},
+                       **_CPU_HEAD_TRAINING, "sync_every": 50, "lr_warmup_steps": 60}},
         budget_steps=(600, 1500, 3000), budget_longest=("FB 32", "MDR 32"),
         # IW with K = 500 on the first 64 test sentences per run, the bound's cost being the head's
         # matmuls (K x tokens rows); K stays high because the pages read the IW bound's gap to the
@@ -178,7 +185,7 @@ PROFILES: dict[str, Profile] = {
         # keep the cold build within its time. Everything else uses the whole test split; the
         # whole split's IW is timed by `make bench`
         estimators=EstimatorSize(iw_num_samples=500, iw_max_sentences=64,
-                                 mmd_num_samples=1000, mmd_permutations=500, decoder_dtype="bfloat16"),
+                                 mmd_num_samples=1000, mmd_permutations=500, decoder_dtype=_CPU_HEAD),
         exact_vae=ExactVAESize(num_points_ladder=(64, 256, 1024, 4096, 16384),
                                num_samples_ladder=(1, 4, 16, 64, 256, 1024), num_repeats=5),
         mmm=MixedMembershipSize(samples_per_group=1000, num_components=10, num_steps=300,
