@@ -51,3 +51,14 @@ def test_the_cpu_profiles_train_and_evaluate_with_that_dtype(override, kernel):
     env = {**os.environ, HEAD_DTYPE_ENV: override}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == [override, kernel, override, override, "bfloat16"]   # full: a GPU's bfloat16
+
+
+def test_profiles_for_either_head_and_a_bad_one_refused():
+    from tvae_core.profiles import build_profiles
+
+    for head, kernel in (("float32", "torch"), ("bfloat16", "native")):
+        built = build_profiles(head)
+        assert (built["default"].train.lm_head_dtype, built["default"].train.lm_head_kernel) == (head, kernel)
+        assert built["smoke"].train.lm_head_dtype == built["default"].estimators.decoder_dtype == head
+    with pytest.raises(ValueError, match=r"cpu_head='float16'.*\('float32', 'bfloat16'\)"):
+        build_profiles("float16")

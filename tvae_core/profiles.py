@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import ObjectiveConfig, RunConfig
-from .device import cpu_head_dtype
+from .device import HEAD_DTYPES, cpu_head_dtype
 
 PROFILE_NAMES = ("smoke", "default", "full")
 
@@ -134,96 +134,102 @@ class Profile:
         return self.base_config().train
 
 
-# the LM head's dtype on the CPU: bfloat16 where the CPU has it in hardware, float32 elsewhere (in
-# software bfloat16 is ~10x slower; tvae_core.device.cpu_head_dtype). The compiled training kernel
-# is bfloat16's, so a float32 head trains on the torch path
-_CPU_HEAD = cpu_head_dtype()
-_CPU_HEAD_TRAINING = {"lm_head_dtype": _CPU_HEAD, "lm_head_kernel": "native" if _CPU_HEAD == "bfloat16" else "torch"}
+def build_profiles(cpu_head: str) -> dict[str, Profile]:
+    """The three profiles, with ``cpu_head`` (``"float32"`` or ``"bfloat16"``) as the LM head's dtype
+    of the CPU profiles' training and evaluation. :data:`PROFILES` takes it from the hardware
+    (:func:`tvae_core.device.cpu_head_dtype`: bfloat16 where the CPU has it, float32 elsewhere,
+    where software bfloat16 is ~10x slower); the compiled training kernel is bfloat16's, so a
+    float32 head trains on the torch path. The dtype is in every run's key."""
+    if cpu_head not in HEAD_DTYPES:
+        raise ValueError(f"cpu_head={cpu_head!r} is not accepted; accepted values: {HEAD_DTYPES}")
+    head_training = {"lm_head_dtype": cpu_head, "lm_head_kernel": "native" if cpu_head == "bfloat16" else "torch"}
+    return {
+        "smoke": Profile(
+            name="smoke",
+            run={"data": {"vocab_size": 2_000, "max_length": 32, "max_train_sentences": 512, "max_eval_sentences": 64,
+                          "max_test_sentences": 64},
+                 "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "latent_dim": 8},
+                 "train": {"max_steps": 30, "batch_size": 16, "eval_every": 15, "checkpoint_every": 15,
+                           "lm_head_dtype": cpu_head}},
+            budget_steps=(10, 20, 30), budget_longest=("FB 32", "MDR 32"),
+            estimators=EstimatorSize(iw_num_samples=8, iw_max_sentences=32,
+                                     mmd_num_samples=64, mmd_permutations=50),
+            exact_vae=ExactVAESize(num_points_ladder=(16, 64, 256), num_samples_ladder=(1, 4, 16),
+                                   num_repeats=2),
+            mmm=MixedMembershipSize(samples_per_group=100, num_components=3, num_steps=50, low_rank=2),
+            pretrained=PretrainedStudySize(max_steps=2, batch_size=4, max_train_sentences=32, max_eval_sentences=8,
+                                           latent_dim=8,
+                                           estimators=EstimatorSize(iw_num_samples=2, iw_max_sentences=4,
+                                                                    mmd_num_samples=8, mmd_permutations=20,
+                                                                    batch_size=8, iw_sequences_per_call=16)),
+            target_rates=(2.0, 4.0),
+        ),
+        "default": Profile(
+            name="default",
+            # The budget study (notebook 07, benchmarks/budget_study.md) chose 1,500 steps of 32 sentences
+            # (1.1 epochs of PTB): at 600 the runs had not learned to use z yet. With diagnostics read
+            # every 50 steps a step takes ~0.06 s on one thread with the compiled bfloat16 LM head (a CPU
+            # with AVX512-BF16), ~0.13 s with the float32 head elsewhere (an AVX2 EPYC; two runs share
+            # the 2 cores); validation every 250 steps. The warm-up is the 600-step budget's, so every budget
+            # of the study and the book's grid follow the same learning-rate curve and share runs.
+            # A 1-layer encoder: as deep as the decoder it costs what the decoder's transformer body
+            # costs, the VAE step well over the LM's (benchmarks/README.md); the inference network needs
+            # no more for the rates this book asks of it. Latent dimension 32 as in the thesis
+            # throughout (targets are 0.125..1 nat per dimension); the word-level 10k PTB vocabulary.
+            run={"data": {"vocab_size": 10_000, "max_length": 64, "max_train_sentences": None,
+                          "max_eval_sentences": 1000, "max_test_sentences": None},
+                 "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "encoder_layers": 1, "latent_dim": 32},
+                 "train": {"max_steps": 1500, "batch_size": 32, "eval_every": 250, "checkpoint_every": 500,
+                           **head_training, "sync_every": 50, "lr_warmup_steps": 60}},
+            budget_steps=(600, 1500, 3000), budget_longest=("FB 32", "MDR 32"),
+            # IW with K = 500 on the first 64 test sentences per run, the bound's cost being the head's
+            # matmuls (K x tokens rows); K stays high because the pages read the IW bound's gap to the
+            # ELBO, which shrinks with K, and fewer sentences only widen its standard error (shown) and
+            # keep the cold build within its time. Everything else uses the whole test split; the
+            # whole split's IW is timed by `make bench`
+            estimators=EstimatorSize(iw_num_samples=500, iw_max_sentences=64,
+                                     mmd_num_samples=1000, mmd_permutations=500, decoder_dtype=cpu_head),
+            exact_vae=ExactVAESize(num_points_ladder=(64, 256, 1024, 4096, 16384),
+                                   num_samples_ladder=(1, 4, 16, 64, 256, 1024), num_repeats=5),
+            mmm=MixedMembershipSize(samples_per_group=1000, num_components=10, num_steps=300,
+                                    low_rank=4),
+            # ~5 s per step, ~2 min per evaluation (the IW bound dominates) on 1 busy CPU thread
+            pretrained=PretrainedStudySize(max_steps=150, batch_size=8, max_train_sentences=None,
+                                           max_eval_sentences=200, latent_dim=32,
+                                           estimators=EstimatorSize(iw_num_samples=10, iw_max_sentences=50,
+                                                                    mmd_num_samples=200, mmd_permutations=200,
+                                                                    batch_size=16, iw_sequences_per_call=60)),
+        ),
+        "full": Profile(
+            name="full",
+            # float32 training: bfloat16 autocast trained slower on a GPU, not faster (`make gpu-check`
+            # times both side by side, `make gpu-profile` takes the step apart; benchmarks/README.md).
+            # Diagnostics are read back every 100 steps, so this package's code reads no value back
+            # inside a step. 20k steps of 32 sentences are 15.2 epochs of PTB's 42,068 training
+            # sentences: the thesis's PTB runs trained at most 15 epochs of 72 sentences per step
+            # (~8.8k steps; shared/reference/thesis_code.md, section 2.8).
+            run={"data": {"vocab_size": 10_000, "max_length": 64, "max_train_sentences": None,
+                          "max_eval_sentences": None, "max_test_sentences": None},
+                 "model": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "latent_dim": 32},
+                 "train": {"max_steps": 20_000, "batch_size": 32, "eval_every": 2_000, "checkpoint_every": 2_000,
+                           "sync_every": 100}},
+            estimators=EstimatorSize(iw_num_samples=500, iw_max_sentences=None,
+                                     mmd_num_samples=3000,
+                                     mmd_permutations=1000, decoder_dtype="bfloat16"),
+            exact_vae=ExactVAESize(num_points_ladder=(64, 256, 1024, 4096, 16384, 65536),
+                                   num_samples_ladder=(1, 4, 16, 64, 256, 1024, 4096), num_repeats=10),
+            mmm=MixedMembershipSize(samples_per_group=3000, num_components=20, num_steps=2000,
+                                    low_rank=8),
+            pretrained=PretrainedStudySize(max_steps=20_000, batch_size=32, max_train_sentences=None,
+                                           max_eval_sentences=None, latent_dim=32,
+                                           estimators=EstimatorSize(iw_num_samples=500, iw_max_sentences=None,
+                                                                    mmd_num_samples=3000, mmd_permutations=1000,
+                                                                    batch_size=32)),
+        ),
+    }
 
-PROFILES: dict[str, Profile] = {
-    "smoke": Profile(
-        name="smoke",
-        run={"data": {"vocab_size": 2_000, "max_length": 32, "max_train_sentences": 512, "max_eval_sentences": 64,
-                      "max_test_sentences": 64},
-             "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "latent_dim": 8},
-             "train": {"max_steps": 30, "batch_size": 16, "eval_every": 15, "checkpoint_every": 15,
-                       "lm_head_dtype": _CPU_HEAD}},
-        budget_steps=(10, 20, 30), budget_longest=("FB 32", "MDR 32"),
-        estimators=EstimatorSize(iw_num_samples=8, iw_max_sentences=32,
-                                 mmd_num_samples=64, mmd_permutations=50),
-        exact_vae=ExactVAESize(num_points_ladder=(16, 64, 256), num_samples_ladder=(1, 4, 16),
-                               num_repeats=2),
-        mmm=MixedMembershipSize(samples_per_group=100, num_components=3, num_steps=50, low_rank=2),
-        pretrained=PretrainedStudySize(max_steps=2, batch_size=4, max_train_sentences=32, max_eval_sentences=8,
-                                       latent_dim=8,
-                                       estimators=EstimatorSize(iw_num_samples=2, iw_max_sentences=4, mmd_num_samples=8,
-                                                                mmd_permutations=20, batch_size=8,
-                                                                iw_sequences_per_call=16)),
-        target_rates=(2.0, 4.0),
-    ),
-    "default": Profile(
-        name="default",
-        # The budget study (notebook 07, benchmarks/budget_study.md) chose 1,500 steps of 32 sentences
-        # (1.1 epochs of PTB): at 600 the runs had not learned to use z yet. With diagnostics read
-        # every 50 steps a step takes ~0.06 s on one thread with the compiled bfloat16 LM head (a CPU
-        # with AVX512-BF16), ~0.13 s with the float32 head elsewhere (an AVX2 EPYC; two runs share
-        # the 2 cores); validation every 250 steps. The warm-up is the 600-step budget's, so every budget
-        # of the study and the book's grid follow the same learning-rate curve and share runs.
-        # A 1-layer encoder: as deep as the decoder it costs what the decoder's transformer body
-        # costs, the VAE step well over the LM's (benchmarks/README.md); the inference network needs
-        # no more for the rates this book asks of it. Latent dimension 32 as in the thesis
-        # throughout (targets are 0.125..1 nat per dimension); the word-level 10k PTB vocabulary.
-        run={"data": {"vocab_size": 10_000, "max_length": 64, "max_train_sentences": None,
-                      "max_eval_sentences": 1000, "max_test_sentences": None},
-             "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "encoder_layers": 1, "latent_dim": 32},
-             "train": {"max_steps": 1500, "batch_size": 32, "eval_every": 250, "checkpoint_every": 500,
-                       **_CPU_HEAD_TRAINING, "sync_every": 50, "lr_warmup_steps": 60}},
-        budget_steps=(600, 1500, 3000), budget_longest=("FB 32", "MDR 32"),
-        # IW with K = 500 on the first 64 test sentences per run, the bound's cost being the head's
-        # matmuls (K x tokens rows); K stays high because the pages read the IW bound's gap to the
-        # ELBO, which shrinks with K, and fewer sentences only widen its standard error (shown) and
-        # keep the cold build within its time. Everything else uses the whole test split; the
-        # whole split's IW is timed by `make bench`
-        estimators=EstimatorSize(iw_num_samples=500, iw_max_sentences=64,
-                                 mmd_num_samples=1000, mmd_permutations=500, decoder_dtype=_CPU_HEAD),
-        exact_vae=ExactVAESize(num_points_ladder=(64, 256, 1024, 4096, 16384),
-                               num_samples_ladder=(1, 4, 16, 64, 256, 1024), num_repeats=5),
-        mmm=MixedMembershipSize(samples_per_group=1000, num_components=10, num_steps=300,
-                                low_rank=4),
-        # ~5 s per step, ~2 min per evaluation (the IW bound dominates) on 1 busy CPU thread
-        pretrained=PretrainedStudySize(max_steps=150, batch_size=8, max_train_sentences=None,
-                                       max_eval_sentences=200, latent_dim=32,
-                                       estimators=EstimatorSize(iw_num_samples=10, iw_max_sentences=50,
-                                                                mmd_num_samples=200, mmd_permutations=200,
-                                                                batch_size=16, iw_sequences_per_call=60)),
-    ),
-    "full": Profile(
-        name="full",
-        # float32 training: bfloat16 autocast trained slower on a GPU, not faster (`make gpu-check`
-        # times both side by side, `make gpu-profile` takes the step apart; benchmarks/README.md).
-        # Diagnostics are read back every 100 steps, so this package's code reads no value back
-        # inside a step. 20k steps of 32 sentences are 15.2 epochs of PTB's 42,068 training
-        # sentences: the thesis's PTB runs trained at most 15 epochs of 72 sentences per step
-        # (~8.8k steps; shared/reference/thesis_code.md, section 2.8).
-        run={"data": {"vocab_size": 10_000, "max_length": 64, "max_train_sentences": None,
-                      "max_eval_sentences": None, "max_test_sentences": None},
-             "model": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "latent_dim": 32},
-             "train": {"max_steps": 20_000, "batch_size": 32, "eval_every": 2_000, "checkpoint_every": 2_000,
-                       "sync_every": 100}},
-        estimators=EstimatorSize(iw_num_samples=500, iw_max_sentences=None,
-                                 mmd_num_samples=3000,
-                                 mmd_permutations=1000, decoder_dtype="bfloat16"),
-        exact_vae=ExactVAESize(num_points_ladder=(64, 256, 1024, 4096, 16384, 65536),
-                               num_samples_ladder=(1, 4, 16, 64, 256, 1024, 4096), num_repeats=10),
-        mmm=MixedMembershipSize(samples_per_group=3000, num_components=20, num_steps=2000,
-                                low_rank=8),
-        pretrained=PretrainedStudySize(max_steps=20_000, batch_size=32, max_train_sentences=None,
-                                       max_eval_sentences=None, latent_dim=32,
-                                       estimators=EstimatorSize(iw_num_samples=500, iw_max_sentences=None,
-                                                                mmd_num_samples=3000, mmd_permutations=1000,
-                                                                batch_size=32)),
-    ),
-}
+
+PROFILES: dict[str, Profile] = build_profiles(cpu_head_dtype())
 
 
 def get_profile(name: str) -> Profile:
