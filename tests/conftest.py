@@ -15,3 +15,19 @@ import torch  # noqa: E402  (after the environment variables, before any test im
 sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py
 
 torch.set_num_threads(1)
+
+import pytest  # noqa: E402
+
+from helpers import write_corpus  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small text corpus for the training tests, written once per test module."""
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")
+
+
+@pytest.fixture
+def isolated_data_cache(tmp_path, monkeypatch):
+    """Tokenised-data cache in the test's own folder (modules opt in with `usefixtures`)."""
+    monkeypatch.setattr("tvae_core.data.DEFAULT_CACHE_DIR", tmp_path / "data-cache")

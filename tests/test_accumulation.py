@@ -3,20 +3,12 @@ gradient goes through fp16's loss scale exactly once."""
 import pytest
 import torch
 
-from helpers import tiny_config, write_corpus
+from helpers import tiny_config
 from tvae_core.objectives import LagrangeMultiplier, mdr_loss
 from tvae_core.runs import train_or_load
 from tvae_core.train import _unscale_state_gradient
 
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")
-
-
-@pytest.fixture(autouse=True)
-def isolated_data_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr("tvae_core.data.DEFAULT_CACHE_DIR", tmp_path / "data-cache")
+pytestmark = pytest.mark.usefixtures("isolated_data_cache")
 
 
 @pytest.mark.slow

@@ -6,21 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import poison_distortion, tiny_config, write_corpus
+from helpers import poison_distortion, tiny_config
 from tvae_core.runs import train_into_cache
 from tvae_core.train import TrainingDiverged
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")
-
-
-@pytest.fixture(autouse=True)
-def isolated_data_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr("tvae_core.data.DEFAULT_CACHE_DIR", tmp_path / "data-cache")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("isolated_data_cache")]
 
 
 def _config(corpus, sync_every: int, **objective):

@@ -11,21 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import poison_distortion, tiny_config, write_corpus
+from helpers import poison_distortion, tiny_config
 from tvae_core.runs import DamagedRunError, load_run, train_or_load, validate_run_dir
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("isolated_data_cache")]
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")
-
-
-@pytest.fixture(autouse=True)
-def isolated_data_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr("tvae_core.data.DEFAULT_CACHE_DIR", tmp_path / "data-cache")
 
 
 def _run_cli(config, runs_dir, extra_env=None, wait=True):
