@@ -53,6 +53,29 @@ def test_tied_weights_accumulate_both_gradients():
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("compute_dtype", [None, torch.bfloat16])
+def test_the_backward_pass_reads_the_forward_pass_logits_and_can_run_twice(compute_dtype):
+    """With gradients, the forward pass keeps each block's float32 logits (the backward pass turns
+    them into the gradient); a second backward pass through the same graph reads them again."""
+    gen = torch.Generator().manual_seed(2)
+    hidden = torch.randn(37, 16, generator=gen).requires_grad_()
+    weight = torch.randn(101, 16, generator=gen).requires_grad_()
+    targets = torch.randint(0, 101, (37,), generator=gen)
+    nll = linear_cross_entropy(hidden, weight, None, targets, block_rows=10, compute_dtype=compute_dtype)
+    kept = nll.grad_fn.kept_logits   # the custom Function's context
+    assert [tuple(block.shape) for block in kept] == [(10, 101)] * 3 + [(7, 101)]
+    assert all(block.dtype == torch.float32 for block in kept)
+    with torch.no_grad():   # the kept logits are this block's logits, exact target logit included
+        reference = linear_cross_entropy(hidden, weight, None, targets, block_rows=10,
+                                         compute_dtype=compute_dtype)
+    torch.testing.assert_close(torch.logsumexp(torch.cat(kept), 1) - torch.cat(kept)[torch.arange(37), targets],
+                               reference, rtol=1e-6, atol=1e-5)
+    nll.sum().backward(retain_graph=True)
+    first = (hidden.grad.clone(), weight.grad.clone())
+    nll.sum().backward()
+    assert torch.equal(hidden.grad, 2 * first[0]) and torch.equal(weight.grad, 2 * first[1])
+
+
 def test_no_grad_path_and_bad_shapes():
     hidden, weight = torch.randn(5, 4), torch.randn(9, 4)
     targets = torch.tensor([0, 1, 2, 3, 8])

@@ -25,8 +25,8 @@ HEAD_DTYPES = ("float32", "bfloat16")
 def cpu_has_native_bfloat16() -> bool:
     """Whether this CPU multiplies bfloat16 matrices in hardware (x86-64 with AVX512-BF16 or AMX,
     which torch's CPU kernels then use). Elsewhere torch converts bfloat16 in software: one
-    64 x 64 x 10k block of the LM head took 40.6 ms in bfloat16 and 4.8 ms in float32 on an AVX2
-    AMD EPYC, where an AVX512-BF16 one ran bfloat16 3.9x faster than float32 (benchmarks/README.md).
+    64 x 64 x 10k block of the LM head took 19.9 ms in bfloat16 and 1.04 ms in float32 on an AVX2
+    AMD EPYC (idle, one thread), where an AVX512-BF16 one ran bfloat16 3.9x faster than float32 (benchmarks/README.md).
     No ARM machine was measured, so ARM counts as without."""
     def supported(name: str) -> bool:
         check = getattr(torch.cpu, name, None)   # private probes of torch's own CPU dispatch

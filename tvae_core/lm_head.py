@@ -6,8 +6,10 @@ writes an ``[M, V]`` logit matrix (~28 MB in float32 for one default batch's ~70
 gigabytes for an IW chunk), reads it back for the log-softmax, writes that as large again, and
 keeps it for the backward pass: the step is bound by memory
 traffic, not arithmetic. Here each block of ``block_rows`` rows goes through
-matmul -> log-softmax -> gather while its logits are still in cache, and the backward pass
-recomputes each block's logits instead of storing them:
+matmul -> log-softmax -> gather while its logits are still in cache; with gradients, each
+block's float32 logits are kept for the backward pass, which turns them into the gradient instead
+of computing the same matmul again (the same gradients, bit for bit; the speed-up is measured in
+``benchmarks/README.md``):
 
     nll_m = logsumexp_v (h_m . w_v + b_v) - (h_m . w_{t_m} + b_{t_m})
     d nll_m / d h_m = sum_v (softmax_v - [v = t_m]) w_v,   d / d w_v = sum_m (softmax_v - [v = t_m]) h_m
@@ -18,8 +20,8 @@ The numbers equal the plain computation to float rounding (tested, values and gr
 ``compute_dtype=torch.bfloat16`` runs the vocabulary matmuls in bfloat16 with float32
 accumulation (3.9x faster per block on a CPU with AVX512-BF16, measured, 64 x 64 x 10k),
 recomputes each target's own logit exactly in float32, and takes the log-softmax in float32. In
-training (mixed precision for the head only) the backward pass recomputes the same logits, and its
-three matmuls (logits, d/dh, d/dW) run in bfloat16 too; d/dW and d/db are summed over blocks in
+training (mixed precision for the head only) the backward pass reads the kept float32 logits, and
+its two matmuls (d/dh, d/dW) run in bfloat16 too; d/dW and d/db are summed over blocks in
 float32. The default profile trains this way (``TrainConfig.lm_head_dtype``): a training step is
 1.5x faster on one thread (0.094 -> 0.062 s, ``benchmarks/bench_core.py``) and the weight gradient
 is within 1% (relative norm) of float32's (tested).
@@ -84,6 +86,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         nll = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         low_precision = compute_dtype is not None
         # a low-precision matmul is chosen here, not by an enclosing autocast region
+        # with gradients, each block's float32 logits are kept for the backward pass (4 bytes per
+        # row and word: ~28 MB for a default batch), which would otherwise recompute the same
+        # matmul; without them (evaluation) nothing is kept, and a block's logits live only while
+        # its rows are computed
+        keep_logits = any(ctx.needs_input_grad[:3])
+        kept_logits = []
         with torch.autocast(hidden.device.type, enabled=False) if low_precision else nullcontext():
             w, b, exact_target = weight, bias, None
             if low_precision:  # converted once, kept for the backward pass
@@ -95,14 +103,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 h = hidden[rows].to(compute_dtype) if low_precision else hidden[rows]
                 logits = _block_logits(h, w, b, targets[rows], exact_target[rows] if low_precision else None)
                 nll[rows] = F.cross_entropy(logits, targets[rows], reduction="none")
-        ctx.save_for_backward(hidden, weight, bias, targets, exact_target, w, b)
-        ctx.block_rows, ctx.compute_dtype = block_rows, compute_dtype
+                if keep_logits:
+                    kept_logits.append(logits)
+        ctx.save_for_backward(hidden, weight, bias, targets, w, b)
+        ctx.block_rows, ctx.compute_dtype, ctx.kept_logits = block_rows, compute_dtype, kept_logits
         return nll
 
     @staticmethod
     def backward(ctx, grad_nll):
-        hidden, weight, bias, targets, exact_target, w, b = ctx.saved_tensors
-        block_rows, compute_dtype = ctx.block_rows, ctx.compute_dtype
+        hidden, weight, bias, targets, w, b = ctx.saved_tensors
+        block_rows, compute_dtype, kept_logits = ctx.block_rows, ctx.compute_dtype, ctx.kept_logits
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
@@ -110,11 +120,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if (need_b and bias is not None) else None
         low_precision = compute_dtype is not None
         with torch.autocast(hidden.device.type, enabled=False) if low_precision else nullcontext():
-            for start in range(0, hidden.shape[0], block_rows):
+            for block, start in enumerate(range(0, hidden.shape[0], block_rows)):
                 rows = slice(start, start + block_rows)
                 h = hidden[rows].to(compute_dtype) if low_precision else hidden[rows]
-                logits = _block_logits(h, w, b, targets[rows], exact_target[rows] if low_precision else None)
-                dlogits = torch.softmax(logits, dim=-1)  # the forward pass's logits, recomputed
+                # the forward pass's logits, not overwritten (a second backward pass reads them too)
+                dlogits = torch.softmax(kept_logits[block], dim=-1)
                 dlogits[torch.arange(dlogits.shape[0], device=dlogits.device), targets[rows]] -= 1.0
                 dlogits.mul_(grad_nll[rows].float().unsqueeze(1))
                 d = dlogits.to(w.dtype)

@@ -109,10 +109,11 @@ class TransformerVAE(nn.Module):
     blocks (:mod:`tvae_core.lm_head`) also when training; False trains with the unfused
     computation (kept for comparison, ``benchmarks/bench_core.py``). Evaluation without gradients
     uses the blocked head unless ``fuse_lm_head_in_evaluation`` is False; it bounds the memory.
-    Both give the same numbers to float rounding. The blocked backward pass recomputes each block's logits: a win when the head is
-    memory-bound (hidden 64: 1.4x per training step) and a loss when it is compute-bound
-    (SmolLM2, hidden 576: 4.03 vs 3.60 s per step, ``benchmarks/bench_pretrained.py``), so
-    pretrained models train unfused.
+    Both give the same numbers to float rounding. Measured with a blocked backward pass that
+    recomputed each block's logits, blocking was a win when the head is memory-bound (hidden 64:
+    1.4x per training step) and a loss when it is compute-bound (SmolLM2, hidden 576: 4.03 vs
+    3.60 s per step, ``benchmarks/bench_pretrained.py``), so pretrained models train unfused. The
+    blocked head now keeps its logits for the backward pass; that comparison has not been repeated.
     """
 
     fuse_lm_head: bool = True
