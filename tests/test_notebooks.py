@@ -389,3 +389,16 @@ def test_a_page_table_shows_missing_values_as_a_dash_and_floats_at_fixed_digits(
     assert list(shown["rate"]) == ["0.01", "16.46"] and list(shown["active units"]) == [0, 32]
     assert table_for_page(pd.DataFrame({"x": [np.float32(0.5), True]}, dtype=object), 1)["x"].tolist() == ["0.5", True]
     assert "NaN" not in shown.to_html() and frame.loc["VAE", "target r"] != frame.loc["VAE", "target r"]  # input kept
+
+
+def test_a_count_in_the_prose_takes_its_noun_in_the_right_number():
+    from tvae_core.notebook import count_phrase
+
+    assert count_phrase(1, "active unit") == "1 active unit"
+    assert count_phrase(0, "active unit") == "0 active units"
+    assert count_phrase(24, "distinct reconstruction") == "24 distinct reconstructions"
+    assert count_phrase(1, "run at its ceiling", "runs at their ceiling") == "1 run at its ceiling"
+    assert count_phrase(2, "run at its ceiling", "runs at their ceiling") == "2 runs at their ceiling"
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="count="):
+            count_phrase(bad, "unit")

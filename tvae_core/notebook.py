@@ -1,6 +1,6 @@
 """Helpers shared by the notebooks: parameter checking, the targeted methods, and publishing
-results into the page's prose (:func:`publish_values`, :func:`publish_figure`), and tables as a page
-shows them (:func:`table_for_page`).
+results into the page's prose (:func:`publish_values`, :func:`publish_figure`, :func:`count_phrase`),
+and tables as a page shows them (:func:`table_for_page`).
 
 Parameters cells are written with annotations (``seed: int = 0  # what it is``), which IPython
 records in the namespace's ``__annotations__``; :func:`check_parameters` checks the values that
@@ -9,6 +9,7 @@ naming the parameter.
 """
 from __future__ import annotations
 
+import numbers
 import typing
 from collections.abc import Mapping
 
@@ -150,3 +151,12 @@ def table_for_page(frame, digits: int):
         return value
 
     return frame.map(cell)
+
+
+def count_phrase(count: int, singular: str, plural: str | None = None) -> str:
+    """A count with its noun in the right number, for a sentence whose count comes from a run:
+    ``count_phrase(1, "active unit")`` is '1 active unit', ``count_phrase(3, "active unit")`` '3
+    active units'. ``plural`` when it is not ``singular + "s"``."""
+    if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
+        raise ValueError(f"count={count!r} must be a non-negative integer")
+    return f"{count} {singular if count == 1 else (plural or singular + 's')}"

@@ -228,11 +228,15 @@ def training_split_aggregate(run: Run, *, split: str = "train", seed: int = 0, m
 
 
 def limited_value(value: float, limit: float, at_limit: bool, sign: str) -> str:
-    """'9.87', or '>= 10.65 (ceiling)' / '<= 1.20 (floor)' for a value at its limit: a bound on
-    the estimator, never written as the value."""
+    """'9.87', or '>= 10.61 (ceiling 10.65)' / '<= 1.24 (floor 1.20)' for an estimate at its limit.
+
+    At its limit an estimate is a bound, not a value: the self-term MI is a lower estimate (so
+    ``>=`` the estimate) and the self-term marginal KL an upper one (``<=``). The bound is the
+    estimate itself, not the limit: within the at-limit tolerance the two differ, and the limit
+    would claim more than the estimate shows (I_q >= log N, or a marginal KL below the estimate)."""
     if not at_limit:
         return f"{value:.2f}"
-    return f"{sign} {limit:.2f} ({'ceiling' if sign == '>=' else 'floor'})"
+    return f"{sign} {value:.2f} ({'ceiling' if sign == '>=' else 'floor'} {limit:.2f})"
 
 
 def compare_marginal_kl(first: TrainingSplitAggregate, second: TrainingSplitAggregate) -> str:
