@@ -19,7 +19,7 @@ import torch
 from .data import iterate_batches
 from .device import module_device, move_batch
 from .latent_space import token_accuracy
-from .training_split import training_split_aggregate
+from .training_split import limited_value, training_split_aggregate
 
 
 @dataclass(frozen=True)
@@ -100,13 +100,6 @@ def budget_measures(run, profile, *, recon_sentences: int = 200, seed: int = 0, 
     }
 
 
-def _limited(value: float, limit: float, at_limit: bool, sign: str) -> str:
-    """'9.87' or '>= 10.59 (ceiling)' / '<= 1.2 (floor)': a value at its limit is a bound, not a value."""
-    if at_limit:
-        return f"{sign} {value:.2f} ({'ceiling' if sign == '>=' else 'floor'} {limit:.2f})"
-    return f"{value:.2f}"
-
-
 def _method(row: dict) -> str:
     names = {"vae": "VAE", "ae": "AE", "fb": "FB", "mdr": "MDR"}
     name = names.get(row["objective"], row["objective"])
@@ -128,13 +121,13 @@ def budget_table(rows: list[dict]) -> str:
     lines = [header, "|" + "|".join(["---"] + ["---:"] * 12) + "|"]
     for row in sorted(rows, key=key):
         t, tr = row["test"], row["train_split"]
-        mi_test = _limited(t["mutual_information"], t["mutual_information_ceiling"], t["mutual_information_at_ceiling"], ">=")
+        mi_test = limited_value(t["mutual_information"], t["mutual_information_ceiling"], t["mutual_information_at_ceiling"], ">=")
         # the same samples give MI + marginal KL = rate, so the KL is at its floor exactly when the
         # MI is at its ceiling (the test evaluation stores the one flag)
-        kl_test = _limited(t["marginal_kl"], t["marginal_kl"], t["mutual_information_at_ceiling"], "<=")
-        mi_train = _limited(tr["mutual_information"], tr["mutual_information_ceiling"],
-                            tr["mutual_information_at_ceiling"], ">=")
-        kl_train = _limited(tr["marginal_kl"], tr["marginal_kl_floor"], tr["marginal_kl_at_floor"], "<=")
+        kl_test = limited_value(t["marginal_kl"], t["marginal_kl"], t["mutual_information_at_ceiling"], "<=")
+        mi_train = limited_value(tr["mutual_information"], tr["mutual_information_ceiling"],
+                                 tr["mutual_information_at_ceiling"], ">=")
+        kl_train = limited_value(tr["marginal_kl"], tr["marginal_kl_floor"], tr["marginal_kl_at_floor"], "<=")
         if "marginal_kl_loo" in tr:  # the leave-one-out estimate is biased down: with the above, a bracket
             kl_train += f" [{tr['marginal_kl_loo']:.2f}]"
         sps = row.get("seconds_per_step")
