@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tvae_core.allocator import keep_freed_memory  # noqa: E402
-from tvae_core.budget import budget_mmm_by_steps, budget_table, cached_budget_measures, load_budget_row  # noqa: E402
+from tvae_core.budget import budget_mmm_by_steps, cached_budget_measures, load_budget_row  # noqa: E402
+from tvae_core.budget_report import budget_table  # noqa: E402
 from tvae_core.config import RunConfig  # noqa: E402
 from tvae_core.experiments import budget_study  # noqa: E402
 from tvae_core.profiles import PROFILE_NAMES, get_profile  # noqa: E402
