@@ -4,9 +4,10 @@ import math
 import numpy as np
 import pytest
 
-from tvae_core.analysis import (A_BELOW_B, AT_FLOOR, AT_LIMIT, B_BELOW_A, DOES_NOT_REPRODUCE, NOT_SEPARABLE,
-                                NOT_TESTED, ON_TARGET_TOLERANCE, PARTLY, REPRODUCES, at_floor, compare_marginal_kl,
-                                collapse_phrase, monotone_in_target, multiplier_summary, on_target,
+from tvae_core.analysis import (A_BELOW_B, AT_FLOOR, AT_LIMIT, B_BELOW_A, DOES_NOT_REPRODUCE, MOSTLY_INDEX_CODE_MI,
+                                MOSTLY_MARGINAL_KL, NEITHER_RESOLVED, NOT_SEPARABLE, NOT_TESTED, ON_TARGET_TOLERANCE,
+                                PARTLY, REPRODUCES, at_floor, compare_marginal_kl, collapse_phrase,
+                                larger_part_of_rate, monotone_in_target, multiplier_summary, on_target,
                                 rank_correlation, rates_vs_targets, relative_deviation, run_table,
                                 sentences_until_collapse, smooth, verdict_from_checks)
 
@@ -65,6 +66,17 @@ def test_compare_marginal_kl_orders_only_what_the_errors_and_limits_allow():
     assert compare_marginal_kl(0.01, 3.0, 0.01, 0.1, a_at_floor=True, b_at_floor=True, a_at_limit=True) == AT_LIMIT
 
 
+def test_larger_part_of_rate_needs_two_standard_errors_of_the_difference():
+    # rate 16: half is 8; KL 9 with se 0.4 leaves 9 - 0.8 = 8.2 > 8
+    assert larger_part_of_rate(9.0, 0.4, 16.0) == MOSTLY_MARGINAL_KL
+    assert larger_part_of_rate(7.0, 0.4, 16.0) == MOSTLY_INDEX_CODE_MI
+    # 8.7 - 0.8 = 7.9: within the noise of the half
+    assert larger_part_of_rate(8.7, 0.4, 16.0) == NEITHER_RESOLVED
+    assert larger_part_of_rate(8.7, 0.4, 16.0, separation=1.0) == MOSTLY_MARGINAL_KL
+    # a collapsed run (no rate, a marginal KL at zero within its error) puts neither term ahead
+    assert larger_part_of_rate(0.01, 0.02, 0.0) == NEITHER_RESOLVED
+
+
 def test_verdict_from_checks_joins_per_target_tests():
     assert verdict_from_checks([True, True]) == REPRODUCES
     assert verdict_from_checks({"4": True, "8": False}) == PARTLY
@@ -89,6 +101,10 @@ def test_verdict_from_checks_joins_per_target_tests():
     (lambda: compare_marginal_kl(1.0, 1.0, 0.1, -0.1), "se_b"),
     (lambda: compare_marginal_kl(1.0, 1.0, 0.1, 0.1, separation=-2), "separation"),
     (lambda: verdict_from_checks([1, 0]), "checks"),
+    (lambda: larger_part_of_rate(math.nan, 0.1, 8.0), "marginal_kl"),
+    (lambda: larger_part_of_rate(1.0, -0.1, 8.0), "se"),
+    (lambda: larger_part_of_rate(1.0, 0.1, -8.0), "rate"),
+    (lambda: larger_part_of_rate(1.0, 0.1, 8.0, separation=-1), "separation"),
 ])
 def test_bad_inputs_name_the_parameter(call, name):
     with pytest.raises(ValueError, match=name):

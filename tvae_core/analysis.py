@@ -189,6 +189,33 @@ def compare_marginal_kl(a: float, b: float, se_a: float, se_b: float, *, a_at_fl
     return A_BELOW_B if a < b else B_BELOW_A
 
 
+MOSTLY_MARGINAL_KL = "marginal KL"
+MOSTLY_INDEX_CODE_MI = "index-code MI"
+NEITHER_RESOLVED = "unresolved"
+
+
+def larger_part_of_rate(marginal_kl: float, se: float, rate: float, separation: float = SEPARATION) -> str:
+    """Which term of the rate's split R = I_q + KL(q(z) || p(z)) takes most of it.
+
+    With the index-code MI taken as R - KL (so it carries the marginal KL's standard error ``se``),
+    KL - I_q = 2 KL - R has standard error 2 se, and the rule is the book's 2-se one on that
+    difference: ``KL - separation * se > R / 2`` -> :data:`MOSTLY_MARGINAL_KL` (the rate moves q(z)
+    away from the prior rather than carrying information about x); ``KL + separation * se < R / 2``
+    -> :data:`MOSTLY_INDEX_CODE_MI`; else :data:`NEITHER_RESOLVED`. ``rate`` is the rate of the
+    sentences the marginal KL was estimated on.
+    """
+    marginal_kl, rate = _check_finite("marginal_kl", marginal_kl), _check_finite("rate", rate, 0.0)
+    se = _check_finite("se", se, 0.0)
+    if not separation >= 0:
+        raise ValueError(f"separation={separation!r} must be >= 0 (standard errors)")
+    half = 0.5 * rate
+    if marginal_kl - separation * se > half:
+        return MOSTLY_MARGINAL_KL
+    if marginal_kl + separation * se < half:
+        return MOSTLY_INDEX_CODE_MI
+    return NEITHER_RESOLVED
+
+
 def verdict_from_checks(checks: Sequence[bool] | Mapping[str, bool]) -> str:
     """Join the tests of one finding (e.g. one per target rate): :data:`REPRODUCES` if all hold,
     :data:`DOES_NOT_REPRODUCE` if none does, else :data:`PARTLY`. No checks: :data:`NOT_TESTED`."""
