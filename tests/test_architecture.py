@@ -20,7 +20,7 @@ LAYERS = (
     ("data", "model", "exact", "mmm.*", "pretrained.*"),
     ("build", "train"),
     ("runs", "experiments"),
-    ("evaluation", "training_split", "budget", "latent_space", "analysis", "pathological"),
+    ("evaluation", "training_split", "budget", "budget_report", "latent_space", "analysis", "pathological"),
     ("plotting.*", "notebook", "book", "cli", "__main__"),
 )
 
