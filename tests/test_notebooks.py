@@ -391,6 +391,16 @@ def test_a_page_table_shows_missing_values_as_a_dash_and_floats_at_fixed_digits(
     assert "NaN" not in shown.to_html() and frame.loc["VAE", "target r"] != frame.loc["VAE", "target r"]  # input kept
 
 
+def test_a_list_in_the_prose_is_joined_with_and():
+    from tvae_core.notebook import and_join
+
+    assert and_join(["600 steps"]) == "600 steps"
+    assert and_join(["FB 32", "MDR 32"]) == "FB 32 and MDR 32"
+    assert and_join(f"{b:,}" for b in (600, 1500, 3000)) == "600, 1,500 and 3,000"
+    with pytest.raises(ValueError, match="items"):
+        and_join([])
+
+
 def test_a_count_in_the_prose_takes_its_noun_in_the_right_number():
     from tvae_core.notebook import count_phrase
 

@@ -160,3 +160,11 @@ def count_phrase(count: int, singular: str, plural: str | None = None) -> str:
     if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
         raise ValueError(f"count={count!r} must be a non-negative integer")
     return f"{count} {singular if count == 1 else (plural or singular + 's')}"
+
+
+def and_join(items) -> str:
+    """A list in a sentence: 'a', 'a and b', 'a, b and c' (the items as strings, in their order)."""
+    words = [str(item) for item in items]
+    if not words:
+        raise ValueError("items is empty: a sentence needs at least one item to list")
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
