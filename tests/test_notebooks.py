@@ -391,6 +391,16 @@ def test_a_page_table_shows_missing_values_as_a_dash_and_floats_at_fixed_digits(
     assert "NaN" not in shown.to_html() and frame.loc["VAE", "target r"] != frame.loc["VAE", "target r"]  # input kept
 
 
+def test_a_number_that_rounds_to_zero_is_shown_without_a_sign():
+    import pandas as pd
+
+    from tvae_core.notebook import fixed, table_for_page
+
+    assert fixed(-0.001, 2) == "0.00" and fixed(-0.004, 3) == "-0.004" and fixed(-1.0, 2) == "-1.00"
+    assert fixed(0.0, 1) == "0.0" and fixed(-0.0, 2) == "0.00" and fixed(12.345, 1) == "12.3"
+    assert table_for_page(pd.DataFrame({"kl": [-0.001, -0.5]}), 2)["kl"].tolist() == ["0.00", "-0.50"]
+
+
 def test_a_list_in_the_prose_is_joined_with_and():
     from tvae_core.notebook import and_join
 

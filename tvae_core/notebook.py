@@ -147,10 +147,17 @@ def table_for_page(frame, digits: int):
 
     def cell(value):
         if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
-            return MISSING if math.isnan(value) else f"{value:.{digits}f}"
+            return MISSING if math.isnan(value) else fixed(value, digits)
         return value
 
     return frame.map(cell)
+
+
+def fixed(value: float, digits: int) -> str:
+    """``value`` with ``digits`` decimals, a value that rounds to zero as zero: '0.00', never
+    '-0.00' (a tiny negative estimate, e.g. a leave-one-out marginal KL of a collapsed run)."""
+    text = f"{value:.{digits}f}"
+    return text[1:] if text.startswith("-") and not text.strip("-0.") else text
 
 
 def count_phrase(count: int, singular: str, plural: str | None = None) -> str:
