@@ -245,9 +245,9 @@ def write_provenance_page() -> Path:
     import nbformat
 
     lines = ["# Provenance", "",
-             "Every page of this book was executed by papermill (`make execute`) before rendering; the "
-             "book itself never runs code. This page is generated from the stamps that execution left in "
-             "each notebook's metadata.", ""]
+             "Every chapter of this book (a notebook) was executed by papermill (`make execute`) before "
+             "rendering; the book itself never runs code. This page is generated from the stamps that "
+             "execution left in each notebook's metadata.", ""]
     for path in sorted(EXECUTED_DIR.glob("[0-9][0-9]_*.ipynb")):
         nb = nbformat.read(str(path), as_version=4)
         stamp = nb.metadata.get("tvae_provenance")
