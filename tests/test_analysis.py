@@ -4,10 +4,12 @@ import math
 import numpy as np
 import pytest
 
-from tvae_core.analysis import (A_BELOW_B, AT_FLOOR, AT_LIMIT, B_BELOW_A, DOES_NOT_REPRODUCE, MOSTLY_INDEX_CODE_MI,
-                                MOSTLY_MARGINAL_KL, NEITHER_RESOLVED, NOT_SEPARABLE, NOT_TESTED, ON_TARGET_TOLERANCE,
-                                PARTLY, REPRODUCES, at_floor, compare_marginal_kl, collapse_phrase,
-                                larger_part_of_rate, monotone_in_target, multiplier_summary, on_target,
+from tvae_core.analysis import (A_BELOW_B, AT_FLOOR, AT_LIMIT, B_BELOW_A, BOTH_MULTIPLIERS, DOES_NOT_REPRODUCE,
+                                MOSTLY_INDEX_CODE_MI, MOSTLY_MARGINAL_KL, NEITHER_MULTIPLIER, NEITHER_RESOLVED,
+                                NOT_SEPARABLE, NOT_TESTED, ON_TARGET_TOLERANCE, ONLY_BOOK_MULTIPLIER,
+                                ONLY_THESIS_MULTIPLIER, PARTLY, REPRODUCES, THESIS_RUN_OFF_TARGET, at_floor,
+                                compare_marginal_kl, collapse_phrase, larger_part_of_rate, monotone_in_target,
+                                multiplier_summary, near_zero_by_multiplier, on_target,
                                 rank_correlation, rates_vs_targets, relative_deviation, run_table,
                                 sentences_until_collapse, smooth, verdict_from_checks)
 
@@ -155,6 +157,19 @@ def test_multiplier_summary_tells_a_settled_run_from_a_limit_cycle():
         multiplier_summary([{"rate": 1.0}] * 8, target=16.0, window=1, band=0.5)
     with pytest.raises(ValueError, match="target"):
         multiplier_summary(_rows([1.0] * 8, [1.0] * 8), target=0.0, window=1, band=0.5)
+
+
+def test_near_zero_by_multiplier_needs_the_thesis_run_on_target_then_reads_both_flags():
+    # off target, the thesis-multiplier run says nothing, whatever the marginal KLs
+    for thesis_near in (True, False):
+        for book_near in (True, False):
+            assert near_zero_by_multiplier(False, thesis_near, book_near) == THESIS_RUN_OFF_TARGET
+    assert near_zero_by_multiplier(True, True, False) == ONLY_THESIS_MULTIPLIER
+    assert near_zero_by_multiplier(True, True, True) == BOTH_MULTIPLIERS
+    assert near_zero_by_multiplier(True, False, True) == ONLY_BOOK_MULTIPLIER
+    assert near_zero_by_multiplier(np.bool_(True), np.bool_(False), False) == NEITHER_MULTIPLIER
+    with pytest.raises(ValueError, match="book_near_zero"):
+        near_zero_by_multiplier(True, True, 0)
 
 
 def test_sentences_until_collapse_times_the_last_fall_below_the_threshold():

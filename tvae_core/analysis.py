@@ -343,6 +343,36 @@ def multiplier_summary(train_rows: Sequence[Mapping[str, float]], target: float,
         settled=bool(np.all(np.abs(last_quarter - target) <= band * target)))
 
 
+# --- which MDR multiplier gives the thesis's near-zero marginal KL --------------------------------
+THESIS_RUN_OFF_TARGET = "thesis run off target"   # it cannot speak to the thesis's on-target MDR runs
+ONLY_THESIS_MULTIPLIER = "only the thesis multiplier"
+BOTH_MULTIPLIERS = "both multipliers"
+ONLY_BOOK_MULTIPLIER = "only the book's multiplier"
+NEITHER_MULTIPLIER = "neither multiplier"
+
+
+def near_zero_by_multiplier(thesis_on_target: bool, thesis_near_zero: bool, book_near_zero: bool) -> str:
+    """Whether MDR's near-zero marginal KL (the thesis's finding) follows the thesis code's multiplier
+    or the method, from two MDR runs at one target: one with the thesis code's multiplier, one with
+    the book's (damped) multiplier, each with its marginal KL judged near zero or not.
+
+    Rule: the thesis-multiplier run off its target -> :data:`THESIS_RUN_OFF_TARGET` (the thesis's
+    MDR runs were on target, so only an on-target run speaks to them); else
+    :data:`ONLY_THESIS_MULTIPLIER` (the finding follows the multiplier), :data:`BOTH_MULTIPLIERS`
+    (the method), :data:`ONLY_BOOK_MULTIPLIER` or :data:`NEITHER_MULTIPLIER` by the two flags.
+    """
+    flags = {"thesis_on_target": thesis_on_target, "thesis_near_zero": thesis_near_zero,
+             "book_near_zero": book_near_zero}
+    for name, flag in flags.items():
+        if type(flag).__name__ not in ("bool", "bool_"):   # numpy's bool too
+            raise ValueError(f"{name}={flag!r} must be a boolean")
+    if not thesis_on_target:
+        return THESIS_RUN_OFF_TARGET
+    if thesis_near_zero:
+        return BOTH_MULTIPLIERS if book_near_zero else ONLY_THESIS_MULTIPLIER
+    return ONLY_BOOK_MULTIPLIER if book_near_zero else NEITHER_MULTIPLIER
+
+
 # --- posterior collapse over training ---------------------------------------------------------
 def sentences_until_collapse(rates: Sequence[float], threshold: float, batch_size: int,
                              window: int = 1) -> int | None:
