@@ -9,7 +9,7 @@ from tvae_core.analysis import (A_BELOW_B, AT_FLOOR, AT_LIMIT, B_BELOW_A, BOTH_M
                                 NOT_SEPARABLE, NOT_TESTED, ON_TARGET_TOLERANCE, ONLY_BOOK_MULTIPLIER,
                                 ONLY_THESIS_MULTIPLIER, PARTLY, REPRODUCES, THESIS_RUN_OFF_TARGET, at_floor,
                                 compare_marginal_kl, collapse_phrase, larger_part_of_rate, monotone_in_target,
-                                multiplier_summary, near_zero_by_multiplier, on_target,
+                                marginal_kl_floor, multiplier_summary, near_zero_by_multiplier, on_target,
                                 rank_correlation, rates_vs_targets, relative_deviation, run_table,
                                 sentences_until_collapse, smooth, verdict_from_checks)
 
@@ -66,6 +66,18 @@ def test_compare_marginal_kl_orders_only_what_the_errors_and_limits_allow():
     assert compare_marginal_kl(0.01, 3.0, 0.01, 0.1, a_at_floor=True) == A_BELOW_B
     assert compare_marginal_kl(0.01, 3.0, 0.01, 0.1, b_at_limit=True) == AT_LIMIT
     assert compare_marginal_kl(0.01, 3.0, 0.01, 0.1, a_at_floor=True, b_at_floor=True, a_at_limit=True) == AT_LIMIT
+
+
+def test_marginal_kl_floor_from_a_passs_estimates_is_the_estimators_own_floor():
+    import torch
+
+    from tvae_core.estimators import self_and_leave_one_out_terms
+
+    generator = torch.Generator().manual_seed(0)
+    loc, scale = torch.randn(50, 4, generator=generator, dtype=torch.float64) * 3, torch.full((50, 4), 0.2, dtype=torch.float64)
+    terms, _ = self_and_leave_one_out_terms(loc, scale, generator=generator)
+    floor = marginal_kl_floor(terms.marginal_kl.value, terms.mutual_information.value, terms.mutual_information.ceiling)
+    assert abs(floor - terms.marginal_kl.floor) < 1e-9 and abs(floor - (terms.rate - math.log(50))) < 1e-9
 
 
 def test_larger_part_of_rate_needs_two_standard_errors_of_the_difference():

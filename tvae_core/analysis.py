@@ -189,6 +189,19 @@ def compare_marginal_kl(a: float, b: float, se_a: float, se_b: float, *, a_at_fl
     return A_BELOW_B if a < b else B_BELOW_A
 
 
+def marginal_kl_floor(marginal_kl: float, mutual_information: float, mi_ceiling: float) -> float:
+    """The floor R^ - log N of a self-term marginal-KL estimate, from that pass's own estimates.
+
+    On the samples of one pass, MI + KL = R^, their Monte Carlo rate (not the split's analytic rate,
+    which differs by Monte Carlo noise), so the floor is ``marginal_kl + mutual_information -
+    mi_ceiling``: the KL lies as far above its floor as the MI lies below its ceiling log N, and the
+    KL is at its floor exactly when the MI is at its ceiling. For an evaluation that stores the
+    estimates but not the floor (:class:`tvae_core.evaluation.RunEvaluation`).
+    """
+    return (_check_finite("marginal_kl", marginal_kl) + _check_finite("mutual_information", mutual_information)
+            - _check_finite("mi_ceiling", mi_ceiling))
+
+
 MOSTLY_MARGINAL_KL = "marginal KL"
 MOSTLY_INDEX_CODE_MI = "index-code MI"
 NEITHER_RESOLVED = "unresolved"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .analysis import ON_TARGET_TOLERANCE, marginal_kl_floor, on_target, relative_deviation
 from .training_split import limited_value
 
 
@@ -36,11 +37,8 @@ def budget_table(rows: list[dict]) -> str:
     for row in sorted(rows, key=key):
         t, tr = row["test"], row["train_split"]
         mi_test = limited_value(t["mutual_information"], t["mutual_information_ceiling"], t["mutual_information_at_ceiling"], ">=")
-        # on the same samples MI + marginal KL = the estimator's own Monte Carlo rate R^, not the
-        # table's rate column (the whole split's analytic KL): the floor R^ - log N sits as far
-        # below the KL as the MI sits below log N, so the KL is at its floor exactly when the MI is
-        # at its ceiling (the test evaluation stores the one flag)
-        kl_floor = t["marginal_kl"] + t["mutual_information"] - t["mutual_information_ceiling"]
+        # the KL is at its floor exactly when the MI is at its ceiling (the evaluation stores the one flag)
+        kl_floor = marginal_kl_floor(t["marginal_kl"], t["mutual_information"], t["mutual_information_ceiling"])
         kl_test = limited_value(t["marginal_kl"], kl_floor, t["mutual_information_at_ceiling"], "<=")
         mi_train = limited_value(tr["mutual_information"], tr["mutual_information_ceiling"],
                                  tr["mutual_information_at_ceiling"], ">=")
@@ -107,8 +105,6 @@ def phenomena_table(rows: list[dict], mmm: dict, *, collapse_rate: float = 0.5,
     ceiling or floor is "at ceiling" / "at floor", never compared; the MMM's marginal KLs count
     as ordered only when they differ by more than twice the standard error of the difference.
     """
-    from .analysis import ON_TARGET_TOLERANCE, on_target, relative_deviation
-
     tol = ON_TARGET_TOLERANCE if tolerance is None else tolerance
     by = {(r["objective"], None if r["target_rate"] is None else float(r["target_rate"]), int(r["steps"])): r
           for r in rows}
