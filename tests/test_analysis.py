@@ -5,13 +5,14 @@ import numpy as np
 import pytest
 
 from tvae_core.analysis import (A_BELOW_B, AT_FLOOR, AT_LIMIT, B_BELOW_A, BOTH_MULTIPLIERS, DOES_NOT_REPRODUCE,
-                                MOSTLY_INDEX_CODE_MI, MOSTLY_MARGINAL_KL, NEITHER_MULTIPLIER, NEITHER_RESOLVED,
-                                NOT_SEPARABLE, NOT_TESTED, ON_TARGET_TOLERANCE, ONLY_BOOK_MULTIPLIER,
-                                ONLY_THESIS_MULTIPLIER, PARTLY, REPRODUCES, THESIS_RUN_OFF_TARGET, at_floor,
-                                compare_marginal_kl, collapse_phrase, larger_part_of_rate, monotone_in_target,
-                                marginal_kl_floor, multiplier_summary, near_zero_by_multiplier, on_target,
-                                rank_correlation, rates_vs_targets, relative_deviation, run_table,
-                                sentences_until_collapse, smooth, verdict_from_checks)
+                                MOSTLY_INDEX_CODE_MI, MOSTLY_MARGINAL_KL, MULTIPLIER_MOVED, NEITHER_MULTIPLIER,
+                                NEITHER_RESOLVED, NOT_SEPARABLE, NOT_TESTED, ON_TARGET_TOLERANCE,
+                                ONLY_BOOK_MULTIPLIER, ONLY_THESIS_MULTIPLIER, PARTLY, REPRODUCES,
+                                THESIS_RUN_OFF_TARGET, at_floor, compare_marginal_kl, collapse_phrase,
+                                larger_part_of_rate, monotone_in_target, marginal_kl_floor, multiplier_summary,
+                                near_zero_by_multiplier, on_target, rank_correlation, rates_vs_targets,
+                                relative_deviation, run_table, sentences_until_collapse, smooth,
+                                verdict_from_checks)
 
 # the thesis code's PTB free-bits sweep (its results tables): every rate below its target
 THESIS_FB = {4: 2.74, 8: 6.20, 16: 12.13, 24: 19.49, 32: 26.09}
@@ -165,6 +166,12 @@ def test_multiplier_summary_tells_a_settled_run_from_a_limit_cycle():
     assert cycling.last_quarter_min == 0.0 and cycling.last_quarter_max == 100.0
     assert cycling.max_lambda == 2.0 and cycling.min_lambda == 0.0 and cycling.final_lambda == 0.0
     assert cycling.largest_move(0.5) == 1.5 and settled.largest_move(1.0) == pytest.approx(0.01)
+    # the thesis multiplier's question: did lambda_t leave lambda_0 by MULTIPLIER_MOVED or more?
+    assert settled.barely_moved(1.0) and not cycling.barely_moved(0.5)
+    assert not settled.barely_moved(1.0, threshold=0.005) and cycling.barely_moved(0.5, threshold=2.0)
+    assert settled.barely_moved(1.0 + MULTIPLIER_MOVED - 0.02) and not settled.barely_moved(1.0 + MULTIPLIER_MOVED)
+    with pytest.raises(ValueError, match="threshold"):
+        settled.barely_moved(1.0, threshold=-0.1)
     with pytest.raises(ValueError, match="mdr_lambda"):
         multiplier_summary([{"rate": 1.0}] * 8, target=16.0, window=1, band=0.5)
     with pytest.raises(ValueError, match="target"):

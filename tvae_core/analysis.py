@@ -46,7 +46,7 @@ SEPARATION = 2.0
 
 A_BELOW_B = "a below b"
 B_BELOW_A = "b below a"
-NOT_SEPARABLE = "not separable (within 2 se)"
+NOT_SEPARABLE = "not separable"   # within `separation` combined standard errors
 AT_FLOOR = "at floor: undecidable"
 AT_LIMIT = "at estimator limit: undecidable"
 
@@ -308,6 +308,10 @@ def run_table(runs: Mapping[str, object], evaluations: Mapping[str, object]):
 
 
 # --- a Lagrange multiplier over training --------------------------------------------------------
+# a multiplier that never moves farther than this from its initial value lambda_0 has left the
+# rate's weight 1 - lambda within 0.1 of 1 - lambda_0 (about a tenth of the scale of beta)
+MULTIPLIER_MOVED = 0.1
+
 @dataclass(frozen=True)
 class MultiplierSummary:
     """How an MDR run's multiplier and rate behaved over training (see :func:`multiplier_summary`)."""
@@ -316,6 +320,14 @@ class MultiplierSummary:
         """The farthest lambda_t went from its initial value ``lambda_0`` (in the rate's weight
         1 - lambda, the same distance): near 0, the multiplier is a fixed beta in all but name."""
         return max(abs(self.max_lambda - lambda_0), abs(self.min_lambda - lambda_0))
+
+    def barely_moved(self, lambda_0: float, threshold: float = MULTIPLIER_MOVED) -> bool:
+        """Whether lambda_t stayed within ``threshold`` of ``lambda_0`` all run (:meth:`largest_move`):
+        then the rate's weight 1 - lambda_t stayed near 1 - lambda_0, a beta-VAE with a fixed beta
+        in all but name, and the target is not what set the rate."""
+        if not threshold >= 0:
+            raise ValueError(f"threshold={threshold!r} must be >= 0 (a distance in lambda)")
+        return self.largest_move(lambda_0) < threshold
 
     min_lambda: float
     max_lambda: float
