@@ -92,9 +92,16 @@ def thesis_mdr(profile: str | Profile, target_rate: float, seed: int = 0) -> Run
     return cfg.replace(objective=THESIS_MDR, label=f"{cfg.label} (thesis)")
 
 
-def collapse_study(profile: str | Profile, word_dropouts=(0.5, 1.0), seed: int = 0) -> dict[str, RunConfig]:
-    """The plain VAE with the full autoregressive decoder, weakened decoders (word dropout) and
-    the decoder-only LM."""
+# The thesis's decoder input dropout ("DROP 40", thesis_code.md section 1.3): p = 0.4. The thesis
+# zeroes a dropped word's embedding; the book replaces the word by [UNK] (Bowman et al., 2016).
+THESIS_WORD_DROPOUT = 0.4
+
+
+def collapse_study(profile: str | Profile, word_dropouts=(THESIS_WORD_DROPOUT, 1.0),
+                   seed: int = 0) -> dict[str, RunConfig]:
+    """The plain VAE with the full autoregressive decoder, weakened decoders (word dropout, by
+    default the thesis's p and p = 1, a decoder that sees no previous word) and the decoder-only
+    LM; labels "VAE", "VAE, word dropout {p:g}" and "LM"."""
     runs = {"VAE": method_config("VAE", profile, seed=seed)}
     for rate in word_dropouts:
         cfg = runs["VAE"].replace(model={"word_dropout": rate}, label=f"VAE, word dropout {rate:g}")
