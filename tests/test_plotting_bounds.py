@@ -34,3 +34,18 @@ def test_the_mi_row_labels_do_not_overlap_and_name_every_tick(index, nrows):
     boxes = sorted((t.get_window_extent(renderer) for t in labels), key=lambda box: box.x0)
     assert all(b.x0 - a.x1 >= 4.0 for a, b in zip(boxes, boxes[1:]))
     plt.close(fig)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_the_runs_plot_writes_h_hat_when_the_entropy_is_a_proxy(exact):
+    """Notebook 03's runs use a language model's cross-entropy for H: the legend must say H-hat - D."""
+    from tvae_core.estimators import mi_bound_decomposition
+
+    runs = {f"run {k}": mi_bound_decomposition(100.0, 90.0 + k, 8.0, 5.0, 3.0, entropy_is_exact=exact)
+            for k in range(3)}
+    fig, ax = plt.subplots()
+    plotting.plot_mi_bounds_by_run(runs, ax=ax, ceiling=6.0)
+    labels = set(ax.get_legend_handles_labels()[1])
+    assert ("$H - D$" in labels) == exact and (r"$\hat H - D$" in labels) == (not exact)
+    assert {"$I_q$", "$R$"} <= labels
+    plt.close(fig)

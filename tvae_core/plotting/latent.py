@@ -251,8 +251,9 @@ def plot_mi_bounds_by_run(decompositions: Mapping[str, object], ax=None, ceiling
                           legend: bool = True, title: str | None = None,
                           xlim: tuple[float, float] | None = None,
                           methods: Mapping[str, object] | None = None):
-    """The MI bounds of many runs on one number line each: ticks at H - D, I_q and R, the lower gap
-    (H - D to I_q) and the upper gap (I_q to R, the marginal KL) as bars between them.
+    """The MI bounds of many runs on one number line each: ticks at H - D (H-hat - D when H is a
+    language-model proxy), I_q and R, the lower gap (H - D to I_q) and the upper gap (I_q to R, the
+    marginal KL) as bars between them.
 
     ``decompositions``: ``{label: MIBoundDecomposition}``. A lower gap that comes out negative
     (possible when H is a language-model proxy, an upper bound on the true entropy, or when I_q
@@ -262,6 +263,8 @@ def plot_mi_bounds_by_run(decompositions: Mapping[str, object], ax=None, ceiling
     ``methods`` (label -> the run, its config or method): run names in their method's colour.
     """
     labels = list(decompositions)
+    # a language model's cross-entropy standing in for H is written H-hat, as in the single-run plot
+    h = "H" if all(d.entropy_is_exact for d in decompositions.values()) else r"\hat H"
     if ax is None:
         ax = new_figure("bar")[1][0, 0]
         ax.figure.set_size_inches(7.0, 0.4 * len(labels) + 1.2)
@@ -277,7 +280,7 @@ def plot_mi_bounds_by_run(decompositions: Mapping[str, object], ax=None, ceiling
         for value, term in ((d.lower_bound, "lower_bound"), (d.mutual_information, "mutual_information"),
                             (d.upper_bound, "rate")):
             ax.plot([value, value], [y - 0.32, y + 0.32], color=TERM_COLOURS[term], lw=2.2,
-                    label={"lower_bound": "$H - D$", "mutual_information": "$I_q$",
+                    label={"lower_bound": f"${h} - D$", "mutual_information": "$I_q$",
                            "rate": "$R$"}[term])
         if xlim is not None and d.upper_bound > xlim[1]:
             ax.text(xlim[1], y, f"$R$ = {d.upper_bound:.1f} $\\rightarrow$", ha="right", va="center",
