@@ -1,5 +1,6 @@
 # The pipeline. CI calls `make test` only; the book is `make book`.
-# Every target depends on the install stamp, so a fresh clone needs no other step.
+# Every target that runs the package depends on the install stamp, so a fresh clone needs no other
+# step; gpu-check and gpu-profile do not (on a GPU machine with its own PyTorch: PY=python3).
 SHELL := /bin/bash
 PYTHON_BOOTSTRAP ?= python3.11
 VENV := .venv

@@ -24,6 +24,7 @@ from tvae_core.estimators import (
     iw_log_likelihood_ladder,
     kl_per_dimension,
     log_aggregate_posterior,
+    median_heuristic_bandwidth,
     mi_bound_decomposition,
     minibatch_weighted_log_q_z,
     mmd2_unbiased,
@@ -426,3 +427,140 @@ def test_bad_inputs_fail_early_with_the_parameter_name():
         mmd_permutation_test(torch.randn(5, 2), torch.randn(5, 2), num_permutations=0)
     with pytest.raises(ValueError, match="rate must be a finite float"):
         mi_bound_decomposition(1.0, 1.0, math.inf, 1.0, 0.0)
+
+
+# ------------------------------------------------------------------------------ known answers the tests above leave out
+def _correlated_code_model():
+    """x ~ N(0, I_2), q(z|x) = N(A x, 0.09 I) with A's rows 64 degrees apart: q(z) = N(0, A A^T + 0.09 I)
+    has correlated coordinates, so its total correlation (0.57 nats) is far from 0."""
+    return LinearGaussianLVM(
+        data_mean=torch.zeros(2), data_cov=torch.eye(2),
+        encoder_weight=torch.tensor([[1.0, 0.0], [0.9, 0.436]]), encoder_bias=torch.zeros(2),
+        encoder_var=torch.full((2,), 0.09), decoder_weight=torch.eye(2), decoder_bias=torch.zeros(2),
+        decoder_cov=torch.eye(2), name="correlated code")
+
+
+def test_total_correlation_and_dimensionwise_kl_where_they_are_not_zero():
+    """The models above have TC <= 0.05 nats, inside the tolerance: here the exact TC is 0.57 and
+    both estimators must find it (N = 2000, D = 2, within 0.08 nats as the other D = 2 cases)."""
+    model = _correlated_code_model()
+    assert model.total_correlation() > 0.5
+    # the posterior noise from another stream than the data: with D = dx and one seed, z's noise
+    # would be x's own draws
+    loc, scale = posterior_parameters(model, 2000, seed=21)
+    for terms in self_and_leave_one_out_terms(loc, scale, generator=generator(121), decompose=True):
+        assert abs(terms.total_correlation - model.total_correlation()) < 0.08
+        assert abs(terms.dimensionwise_kl - model.dimensionwise_kl()) < 0.08
+
+
+def test_log_aggregate_posterior_of_stacked_and_foreign_samples_matches_brute_force():
+    """[S, N, D]: each draw s against all N posteriors (self term at i = n); [M, D] with M != N: any
+    points z, scored against the mixture of all N posteriors (no self term to drop)."""
+    g = generator(22)
+    loc = torch.randn(50, 3, generator=g, dtype=torch.float64)
+    scale = torch.rand(50, 3, generator=g, dtype=torch.float64) + 0.05
+    z3 = loc + scale * torch.randn(2, 50, 3, generator=g, dtype=torch.float64)        # [S, N, D]
+
+    def brute(z, leave_one_out=False):
+        pairwise = Normal(loc[None], scale[None]).log_prob(z[:, None]).sum(-1)       # [M, N]
+        if leave_one_out:
+            return torch.logsumexp(pairwise.fill_diagonal_(-math.inf), 1) - math.log(49)
+        return torch.logsumexp(pairwise, 1) - math.log(50)
+
+    for loo in (False, True):
+        expected = torch.stack([brute(z3[s], loo) for s in range(2)])
+        torch.testing.assert_close(log_aggregate_posterior(z3, loc, scale, leave_one_out=loo), expected,
+                                   atol=1e-10, rtol=0)
+    foreign = torch.randn(30, 3, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(log_aggregate_posterior(foreign, loc, scale), brute(foreign), atol=1e-10, rtol=0)
+
+
+def test_iw_ladder_rungs_are_nested_prefixes_of_one_stream():
+    """The ladder's L_3 is the single-K bound drawn from the same generator state (the first 3
+    samples of the stream), and L_K computed by hand from the same draws equals the ladder's."""
+    model = LinearGaussianLVM.mismatched(latent_dim=2, data_dim=4)
+    batch = {"x": model.sample_data(5, generator(23))}
+    ladder = iw_log_likelihood_ladder(model, batch, (3, 10), chunk_size=4, generator=generator(24))
+    torch.testing.assert_close(ladder[0], iw_log_likelihood(model, batch, 3, chunk_size=4, generator=generator(24)),
+                               atol=1e-12, rtol=0)
+    # by hand: 10 draws in the ladder's chunks (3, then 4 + 3), log w, logsumexp of the first K
+    posterior, g = model.encode(batch), generator(24)
+    eps = torch.cat([torch.randn((size, 5, 2), generator=g, dtype=posterior.loc.dtype) for size in (3, 4, 3)])
+    z = posterior.loc + posterior.scale * eps                                               # [10, B, D]
+    log_w = (model.log_likelihood(batch, z) + Normal(0.0, 1.0).log_prob(z).sum(-1)
+             - posterior.log_prob(z).sum(-1))                                               # [10, B]
+    for row, k in enumerate((3, 10)):
+        torch.testing.assert_close(ladder[row], torch.logsumexp(log_w[:k], 0) - math.log(k), atol=1e-10, rtol=0)
+
+
+class _UnequalTokens:
+    """The fitted linear-Gaussian model with 1, 2 or 3 "tokens" per example: per-token numbers and
+    the perplexity must divide the corpus's total log-likelihood by its total token count."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def encode(self, batch):
+        return self.model.encode(batch)
+
+    def log_likelihood(self, batch, z):
+        return self.model.log_likelihood(batch, z)
+
+    def num_predicted_tokens(self, batch):
+        return 1 + torch.arange(batch["x"].shape[0]) % 3
+
+
+def test_perplexity_divides_the_total_log_likelihood_by_the_total_token_count():
+    model = LinearGaussianLVM.fitted(latent_dim=2, data_dim=4)
+    x = model.sample_data(60, generator(25))
+    result = evaluate_log_likelihood(_UnequalTokens(model), [{"x": x[:32]}, {"x": x[32:]}], num_samples=4,
+                                     generator=generator(26), progress=False)
+    # the true posterior: L_K = log p(x) exactly
+    torch.testing.assert_close(result.log_likelihood, model.log_marginal(x), atol=1e-9, rtol=0)
+    tokens = 1 + torch.cat([torch.arange(32), torch.arange(28)]) % 3
+    assert result.num_tokens == int(tokens.sum())
+    total = float(result.log_likelihood.sum())
+    assert result.log_likelihood_per_token == pytest.approx(total / int(tokens.sum()), abs=1e-12)
+    assert result.perplexity == pytest.approx(math.exp(-total / int(tokens.sum())), rel=1e-12)
+    # not the mean of per-sequence perplexities' exponents: that would weight short sequences up
+    assert result.perplexity != pytest.approx(math.exp(-float((result.log_likelihood / tokens).mean())), rel=1e-3)
+
+
+def test_mmd2_unbiased_matches_the_closed_form_for_a_shifted_gaussian():
+    """x ~ N(mu, I_D), y ~ N(0, I_D), one kernel exp(-|a-b|^2 / (2 h^2)):
+    MMD^2 = 2 c (1 - exp(-|mu|^2 / (2 (h^2 + 2)))), c = (h^2 / (h^2 + 2))^(D/2). The unbiased
+    estimate averages to it (50 repeats, within 4 standard errors), and equals the double sum."""
+    dim, h, mu = 4, 2.0, torch.full((4,), 0.5, dtype=torch.float64)
+    c = (h * h / (h * h + 2)) ** (dim / 2)
+    truth = 2 * c * (1 - math.exp(-float(mu @ mu) / (2 * (h * h + 2))))
+    g = generator(27)
+    values = torch.tensor([mmd2_unbiased(torch.randn(200, dim, generator=g, dtype=torch.float64) + mu,
+                                         torch.randn(200, dim, generator=g, dtype=torch.float64), (h,))
+                           for _ in range(50)])
+    assert abs(float(values.mean()) - truth) < 4 * float(values.std()) / math.sqrt(50)
+    assert truth > 10 * float(values.std()) / math.sqrt(50)          # the test can tell it from zero
+    # the definition, term by term, on a small sample
+    x = torch.randn(5, dim, generator=g, dtype=torch.float64)
+    y = torch.randn(6, dim, generator=g, dtype=torch.float64)
+
+    def k(a, b):
+        return math.exp(-float((a - b) @ (a - b)) / (2 * h * h))
+
+    xx = sum(k(x[i], x[j]) for i in range(5) for j in range(5) if i != j) / (5 * 4)
+    yy = sum(k(y[i], y[j]) for i in range(6) for j in range(6) if i != j) / (6 * 5)
+    xy = sum(k(x[i], y[j]) for i in range(5) for j in range(6)) / (5 * 6)
+    assert mmd2_unbiased(x, y, (h,)) == pytest.approx(xx + yy - 2 * xy, abs=1e-12)
+
+
+def test_median_bandwidth_and_per_bandwidth_statistics():
+    """Pooled 0, 1, 3, 6: distances 1, 2, 3, 3, 5, 6, median 3. With explicit bandwidths the test's
+    statistic is the mean of the single-kernel MMD^2 values, each the unbiased estimate itself."""
+    assert median_heuristic_bandwidth(torch.tensor([[0.0], [1.0]]), torch.tensor([[3.0], [6.0]])) == 3.0
+    g = generator(28)
+    x, y = torch.randn(40, 3, generator=g) + 0.3, torch.randn(40, 3, generator=g)
+    result = mmd_permutation_test(x, y, bandwidths=(0.5, 2.0), num_permutations=20, generator=g)
+    assert result.bandwidths == (0.5, 2.0)
+    for h, value in zip(result.bandwidths, result.mmd2_per_bandwidth):
+        assert value == pytest.approx(mmd2_unbiased(x, y, (h,)), abs=1e-12)
+    assert result.mmd2 == pytest.approx(sum(result.mmd2_per_bandwidth) / 2, abs=1e-12)
+    assert all(1 / 21 - 1e-12 <= p <= 1.0 for p in result.p_value_per_bandwidth)

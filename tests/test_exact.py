@@ -31,7 +31,10 @@ def test_implements_the_protocol(case):
     posterior = model.encode({"x": x})
     assert posterior.loc.shape == (5, model.latent_dim) and posterior.loc.dtype == torch.float64
     z = posterior.sample((3,))
-    assert model.log_likelihood({"x": x}, z).shape == (3, 5)
+    # log N(x; W z + c, Psi) with torch's full-covariance density
+    decoder = torch.distributions.MultivariateNormal(z @ model.decoder_weight.T + model.decoder_bias,
+                                                     model.decoder_cov)
+    torch.testing.assert_close(model.log_likelihood({"x": x}, z), decoder.log_prob(x), atol=1e-10, rtol=0)
     assert torch.equal(model.num_predicted_tokens({"x": x}), torch.ones(5, dtype=torch.long))
 
 
@@ -70,7 +73,10 @@ def test_fitted_model_is_consistent():
     assert model.marginal_kl() == pytest.approx(0.0, abs=1e-9)
     assert -model.elbo() == pytest.approx(model.entropy(), abs=1e-9)
     assert model.mutual_information() == pytest.approx(model.rate(), abs=1e-9)
-    assert model.mutual_information() > 0.5
+    # the closed form of `fitted`: loadings lambda spread evenly over (0.5, 2), noise 1,
+    # I_q = 1/2 sum_d log(1 + lambda_d^2)
+    loadings = torch.linspace(0.5, 2.0, 4, dtype=torch.float64)
+    assert model.mutual_information() == pytest.approx(0.5 * float(torch.log1p(loadings ** 2).sum()), abs=1e-9)
 
 
 def test_collapsed_model_has_no_information():

@@ -1,10 +1,10 @@
 """Mixed membership model: calibration against known answers, held-out evaluation, probs not
 logits, determinism and early failures (DESIGN.md defect 9). Small T, N and step counts: seconds.
 
-Tolerances: a marginal-KL estimate must lie within ``4 * se + bias`` of the truth, where ``se``
-is its own Monte Carlo standard error and ``bias`` (0.05-0.1 nats here) allows for the MMM's
-finite-sample misfit, which can only lower the estimate in expectation
-(``E[KL_hat] = KL(q || p) - KL(q || q_hat)``).
+Tolerances: a marginal-KL estimate must lie within ``4 * se`` of the truth, where ``se`` is its
+own Monte Carlo standard error, and may lie up to ``bias`` (0.03-0.1 nats here) further below it:
+the MMM's finite-sample misfit can only lower the estimate in expectation
+(``E[KL_hat] = KL(q || p) - KL(q || q_hat)``), never raise it.
 """
 from __future__ import annotations
 
@@ -32,7 +32,9 @@ def gaussian_kl_to_prior(mean: torch.Tensor, std: torch.Tensor) -> float:
 
 
 def within(estimate: float, se: float, truth: float, bias: float) -> bool:
-    return abs(estimate - truth) <= 4 * se + bias
+    """Within 4 standard errors of the truth, plus ``bias`` below it only: the misfit can lower the
+    estimate in expectation, never raise it."""
+    return truth - 4 * se - bias <= estimate <= truth + 4 * se
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +191,9 @@ def test_meanfield_guide_agrees_with_map():
     truth = gaussian_kl_to_prior(torch.ones(D), torch.ones(D))       # = D / 2
     for fit in (map_fit, mf_fit):
         assert within(float(fit.marginal_kl[1]), float(fit.marginal_kl_se[1]), truth, bias=0.1)
+    # the two guides score the same held-out samples: their estimates agree far more closely than
+    # either's standard error (0.2 nats) says
+    assert abs(float(mf_fit.marginal_kl[1]) - float(map_fit.marginal_kl[1])) < 0.1
 
 
 def test_single_component_and_unequal_group_sizes():
@@ -197,6 +202,9 @@ def test_single_component_and_unequal_group_sizes():
         family="RD", num_components=1, num_steps=20, low_rank=1), progress=False)
     assert torch.equal(result.weights, torch.ones(2, 1))
     assert result.num_fit == (84, 21) and result.num_heldout == (36, 9)
+    # both groups are prior samples: one Gaussian fits them, and both marginal KLs are ~0
+    for g in range(2):
+        assert within(float(result.marginal_kl[g]), float(result.marginal_kl_se[g]), 0.0, bias=0.05)
 
 
 # ----------------------------------------------------------------------------- model pieces

@@ -42,6 +42,22 @@ def test_the_numbers_are_those_of_the_estimators_it_calls():
     assert not result.at_limit
 
 
+def test_a_gaussian_code_with_known_mi_and_marginal_kl_is_bracketed():
+    """Means mu ~ N(0, I_4) and q(z|x) = N(mu, 0.25 I): q(z) = N(0, 1.25 I), so I_q = 2 log 5 = 3.22,
+    KL(q(z) || p(z)) = 2 (0.25 - log 1.25) = 0.054 and the rate 2 (0.25 + log 4) = 3.27 nats. The
+    self term's MI lies below, the leave-one-out MI above (3 standard errors), the marginal KL the
+    other way round, and the closed-form rate within 4 standard errors of its per-point spread."""
+    loc, scale = _posteriors(num_points=2000, dim=4, scale=0.5, seed=7)
+    result = aggregate_from_posteriors(loc, scale, seed=8)
+    mi, kl, rate = 2 * math.log(5.0), 2 * (0.25 - math.log(1.25)), 2 * (0.25 + math.log(4.0))
+    se = result.mutual_information_se
+    assert result.mutual_information - 3 * se <= mi <= result.mutual_information_loo + 3 * se
+    assert result.marginal_kl_loo - 3 * se <= kl <= result.marginal_kl + 3 * se
+    assert result.mutual_information_loo - result.mutual_information < 0.1   # N >> e^I: a narrow bracket
+    per_point_sd = math.sqrt(0.25 * 4 * 2.0)      # Var_mu of 1/2 sum_d mu_d^2, mu_d^2 ~ chi2(1)
+    assert abs(result.analytic_rate - rate) < 4 * per_point_sd / math.sqrt(2000)
+
+
 def test_an_autoencoder_like_posterior_puts_mi_at_its_ceiling_and_marginal_kl_at_its_floor():
     loc, scale = _posteriors(loc_scale=3.0, scale=1e-3)         # well separated, tiny scales: MI >> log N
     result = aggregate_from_posteriors(loc, scale)
