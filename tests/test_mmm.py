@@ -378,3 +378,26 @@ def test_latent_sample_groups_reject_bad_input_naming_it(posteriors, samples_per
 
     with pytest.raises(ValueError, match=message):
         latent_sample_groups(posteriors, samples_per_group, seed=0)
+
+
+def test_group_density_averages_densities_over_posterior_draws():
+    """q_hat_g(z) = (1/S) sum_s sum_t w_st N(z; theta_st): S identical draws give one draw's
+    density (the -log S offsets the S copies), and two different draws give the mean of their
+    densities, not of their log densities."""
+    from tvae_core.mmm import group_log_density
+
+    torch.manual_seed(4)
+    one = {"component_loc": torch.randn(1, 3, D), "component_scale": torch.rand(1, 3, D) + 0.5,
+           "component_cov_factor": 0.3 * torch.randn(1, 3, D, 1)}
+    weights = torch.tensor([[0.2, 0.5, 0.3]])
+    z = torch.randn(7, D)
+    single = group_log_density(weights, one, "RD", z)
+    mixture = dist.MixtureSameFamily(dist.Categorical(probs=weights[0]), dist.LowRankMultivariateNormal(
+        one["component_loc"][0], one["component_cov_factor"][0], one["component_scale"][0] ** 2))
+    assert torch.allclose(single, mixture.log_prob(z), atol=1e-5)
+    twice = {k: v.expand(2, *v.shape[1:]) for k, v in one.items()}
+    assert torch.allclose(group_log_density(weights.expand(2, 3), twice, "RD", z), single, atol=1e-5)
+    other = {k: v + 0.5 for k, v in one.items()}
+    both = {k: torch.cat([one[k], other[k]]) for k in one}
+    expected = torch.logaddexp(single, group_log_density(weights, other, "RD", z)) - math.log(2)
+    assert torch.allclose(group_log_density(weights.expand(2, 3), both, "RD", z), expected, atol=1e-5)

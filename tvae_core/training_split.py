@@ -104,7 +104,13 @@ def aggregate_from_posteriors(loc: torch.Tensor, scale: torch.Tensor, *, seed: i
                               sampled_points: int | None = SAMPLED_POINTS) -> TrainingSplitAggregate:
     """The estimates from the posterior parameters ``loc``, ``scale`` ``[N, D]`` of N sentences
     (one sample z ~ q(z|x_n) for each of ``sampled_points`` of them, chosen and drawn with ``seed``;
-    None or >= N: every sentence; the ceiling tolerance is the estimators' default, 0.1 nats)."""
+    None or >= N: every sentence; the ceiling tolerance is the estimators' default, 0.1 nats).
+
+    With q_hat(z) = 1/N sum_n q(z | x_n) (self term kept) or its leave-one-out version:
+    MI = mean_i [log q(z_i | x_i) - log q_hat(z_i)], a lower estimate that cannot exceed log N,
+    and marginal KL = mean_i [log q_hat(z_i) - log p(z_i)], an upper estimate that cannot go below
+    R^ - log N (R^ their sum, the Monte Carlo rate); leaving one out reverses both biases and
+    removes the ceiling (:func:`tvae_core.estimators.self_and_leave_one_out_terms`)."""
     started = time.time()
     with_self, loo = est.self_and_leave_one_out_terms(loc, scale, generator=torch.Generator().manual_seed(seed),
                                                       progress=progress, sampled_points=sampled_points)

@@ -50,7 +50,8 @@ def _check_samples(x: torch.Tensor, y: torch.Tensor) -> None:
 def median_heuristic_bandwidth(x: torch.Tensor, y: torch.Tensor,
                                generator: torch.Generator | None = None) -> float:
     """Median Euclidean distance between distinct points of the pooled sample (on at most
-    ``MEDIAN_MAX_POINTS`` randomly chosen points). Scales with sqrt(D), as a bandwidth must."""
+    ``MEDIAN_MAX_POINTS`` randomly chosen points: above that, the median of a random subsample,
+    drawn with ``generator``). Scales with sqrt(D), as a bandwidth must."""
     _check_samples(x, y)
     pooled = torch.cat([x, y]).double()                                        # [n+m, D]
     if pooled.shape[0] > MEDIAN_MAX_POINTS:
@@ -89,7 +90,13 @@ def _mmd2_for_labels(kernel: torch.Tensor, labels: torch.Tensor, n: int, m: int)
 
 def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor, bandwidths: Sequence[float]) -> float:
     """Unbiased MMD^2 (Gretton et al., 2012, eq. 3) with the mean of Gaussian kernels over
-    ``bandwidths``. Unbiased for MMD^2 (so it can be slightly negative); cost O((n+m)^2 D)."""
+    ``bandwidths``, k(a, b) = mean_h exp(-|a - b|^2 / (2 h^2)):
+
+        MMD^2_u = 1/(n(n-1)) sum_{i != j} k(x_i, x_j) + 1/(m(m-1)) sum_{i != j} k(y_i, y_j)
+                  - 2/(nm) sum_{i,j} k(x_i, y_j).
+
+    Unbiased for MMD^2 (so it can be slightly negative), which is 0 exactly when the two
+    distributions are equal (the kernel is characteristic); cost O((n+m)^2 D)."""
     _check_samples(x, y)
     if len(bandwidths) == 0:
         raise ValueError("bandwidths=[] is not accepted; accepted values: a non-empty sequence of numbers > 0")

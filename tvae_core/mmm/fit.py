@@ -86,7 +86,10 @@ def fit_mixed_membership(samples: Mapping[str, torch.Tensor],
     target 2 threads were no faster (21.5 vs 21.0 s, RD) and, with other processes running,
     up to 4.5x slower (benchmarks/bench_mmm.py).
 
-    Returns a :class:`MixedMembershipResult`; its per-group numbers use held-out samples only.
+    Returns a :class:`MixedMembershipResult`; its per-group numbers use held-out samples only:
+    KL_hat_g = mean over held-out z of [log q_hat_g(z) - log p(z)], an estimate of
+    KL(q_g(z) || p(z)) biased down by KL(q_g || q_hat_g) in expectation (the formula and its bias
+    are in the result's docstring); a ``calibration_group``'s value is its floor.
     """
     if num_threads is not None and (isinstance(num_threads, bool)
                                     or not isinstance(num_threads, int) or num_threads < 1):

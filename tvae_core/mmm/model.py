@@ -242,7 +242,9 @@ def group_log_density(weights: torch.Tensor, params: dict[str, torch.Tensor], fa
 
     ``q_hat_g(z) = (1/S) sum_s sum_t w_{s,t} N(z; theta_{s,t})`` in RD; in R1 the density of a
     D-vector is the product over coordinates of the 1-D mixture, as in the model. The weights
-    are passed as ``probs`` (the original code passed them as logits).
+    are passed as ``probs`` (the original code passed them as logits). Averaging densities
+    over the S posterior draws (not log densities) makes q_hat_g the posterior predictive
+    density; S identical draws give the density of one (tests/test_mmm.py).
     """
     mixture = dist.MixtureSameFamily(dist.Categorical(probs=weights),
                                      component_distribution(params, family))  # batch [S]
