@@ -9,10 +9,10 @@ from tvae_core.analysis import (A_BELOW_B, AT_FLOOR, AT_LIMIT, B_BELOW_A, BOTH_M
                                 NEITHER_RESOLVED, NOT_SEPARABLE, NOT_TESTED, ON_TARGET_TOLERANCE,
                                 ONLY_BOOK_MULTIPLIER, ONLY_THESIS_MULTIPLIER, PARTLY, REPRODUCES,
                                 THESIS_RUN_OFF_TARGET, at_floor, compare_marginal_kl, collapse_phrase,
-                                larger_part_of_rate, monotone_in_target, marginal_kl_floor, multiplier_summary,
-                                near_zero_by_multiplier, on_target, rank_correlation, rates_vs_targets,
-                                relative_deviation, run_table, sentences_until_collapse, smooth,
-                                verdict_from_checks)
+                                larger_part_of_rate, larger_part_of_rate_bracketed, marginal_kl_floor,
+                                monotone_in_target, multiplier_summary, near_zero_by_multiplier, on_target,
+                                rank_correlation, rates_vs_targets, relative_deviation, run_table,
+                                sentences_until_collapse, smooth, verdict_from_checks)
 
 # the thesis code's PTB free-bits sweep (its results tables): every rate below its target
 THESIS_FB = {4: 2.74, 8: 6.20, 16: 12.13, 24: 19.49, 32: 26.09}
@@ -92,6 +92,17 @@ def test_larger_part_of_rate_needs_two_standard_errors_of_the_difference():
     assert larger_part_of_rate(0.01, 0.02, 0.0) == NEITHER_RESOLVED
 
 
+def test_larger_part_of_rate_from_the_two_aggregate_estimates():
+    # rate 8: half is 4; the bracket [lower, upper] must lie wholly on one side of it
+    assert larger_part_of_rate_bracketed(4.5, 5.0, 8.0) == MOSTLY_MARGINAL_KL
+    assert larger_part_of_rate_bracketed(1.0, 3.9, 8.0) == MOSTLY_INDEX_CODE_MI
+    assert larger_part_of_rate_bracketed(3.5, 4.5, 8.0) == NEITHER_RESOLVED
+    with pytest.raises(ValueError, match="marginal_kl_lower"):
+        larger_part_of_rate_bracketed(5.0, 4.0, 8.0)
+    with pytest.raises(ValueError, match="rate"):
+        larger_part_of_rate_bracketed(1.0, 2.0, -1.0)
+
+
 def test_verdict_from_checks_joins_per_target_tests():
     assert verdict_from_checks([True, True]) == REPRODUCES
     assert verdict_from_checks({"4": True, "8": False}) == PARTLY
@@ -146,6 +157,9 @@ def test_rank_correlation_is_spearmans_rho():
 def test_smooth_averages_what_is_there_at_the_edges():
     assert smooth([1.0, 2.0, 3.0], 1).tolist() == [1.0, 2.0, 3.0]
     assert smooth([0.0, 3.0, 6.0], 3).tolist() == pytest.approx([1.5, 3.0, 4.5])
+    # trailing: the step and the ones before it, never a later one
+    assert smooth([0.0, 3.0, 6.0, 9.0], 2, trailing=True).tolist() == pytest.approx([0.0, 1.5, 4.5, 7.5])
+    assert smooth([0.0, 3.0, 6.0], 5, trailing=True).tolist() == pytest.approx([0.0, 1.5, 3.0])
 
 
 def _rows(rates, lambdas):
@@ -198,7 +212,13 @@ def test_sentences_until_collapse_times_the_last_fall_below_the_threshold():
     assert sentences_until_collapse([5.0] * 6, threshold=0.5, batch_size=32) is None  # never collapses
     assert sentences_until_collapse([0.1, 2.0, 0.1, 0.1], threshold=0.5, batch_size=8) == 3 * 8  # comes back once
     assert "collapses after 128 training sentences" in collapse_phrase("the small decoder", 128, 5.0, 192)
-    assert "starts collapsed" in collapse_phrase("the small decoder", 0, 0.1, 192)
+    assert "starts below the threshold" in collapse_phrase("the small decoder", 0, 0.1, 192)
+    # the time is when the fall shows in the trailing average: a centred window would see it earlier
+    # (the trailing mean is 1.5, 1.0, 0.5 at steps 10-12 and 0 from step 13: the last step at or
+    # above the threshold is 12; a centred window of 4 would put it at 11)
+    rates = [2.0] * 10 + [0.0] * 10
+    assert sentences_until_collapse(rates, threshold=0.5, batch_size=1, window=4) == 12 + 2
+    assert sentences_until_collapse([0.0] + [2.0] * 4 + [0.0] * 20, 0.5, 1, window=2) == 5 + 2
     assert "does not collapse within its 192" in collapse_phrase("the small decoder", None, 5.0, 192)
 
 

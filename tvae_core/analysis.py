@@ -229,6 +229,26 @@ def larger_part_of_rate(marginal_kl: float, se: float, rate: float, separation: 
     return NEITHER_RESOLVED
 
 
+def larger_part_of_rate_bracketed(marginal_kl_lower: float, marginal_kl_upper: float, rate: float) -> str:
+    """:func:`larger_part_of_rate` from the aggregate posterior's two estimates instead of one with
+    a standard error: the leave-one-out marginal KL (biased down) and the self-term one (biased up),
+    which bracket the truth in expectation. Even the lower one above ``rate / 2`` ->
+    :data:`MOSTLY_MARGINAL_KL`; even the upper one below it -> :data:`MOSTLY_INDEX_CODE_MI`; else
+    :data:`NEITHER_RESOLVED`. ``rate`` is the Monte Carlo rate of the same samples (the estimates'
+    MI + KL)."""
+    lower = _check_finite("marginal_kl_lower", marginal_kl_lower)
+    upper = _check_finite("marginal_kl_upper", marginal_kl_upper)
+    rate = _check_finite("rate", rate, 0.0)
+    if lower > upper + 1e-9:
+        raise ValueError(f"marginal_kl_lower={lower!r} must be <= marginal_kl_upper={upper!r} (leave-one-out "
+                         "below self term)")
+    if lower > 0.5 * rate:
+        return MOSTLY_MARGINAL_KL
+    if upper < 0.5 * rate:
+        return MOSTLY_INDEX_CODE_MI
+    return NEITHER_RESOLVED
+
+
 def verdict_from_checks(checks: Sequence[bool] | Mapping[str, bool]) -> str:
     """Join the tests of one finding (e.g. one per target rate): :data:`REPRODUCES` if all hold,
     :data:`DOES_NOT_REPRODUCE` if none does, else :data:`PARTLY`. No checks: :data:`NOT_TESTED`."""
@@ -243,13 +263,19 @@ def verdict_from_checks(checks: Sequence[bool] | Mapping[str, bool]) -> str:
 
 
 # --- series and tables -------------------------------------------------------------------------
-def smooth(values: Sequence[float], window: int) -> np.ndarray:
-    """Centred moving average over ``window`` steps; the edges average what is there (no
-    shrinking towards zero). ``window <= 1`` returns the values unchanged."""
+def smooth(values: Sequence[float], window: int, trailing: bool = False) -> np.ndarray:
+    """Moving average over ``window`` steps: centred (for drawing a curve), or ``trailing``, the
+    mean of the step and the ``window - 1`` before it (what was known at that step: for timing an
+    event, which a centred window would see before it happens). The edges average what is there
+    (no shrinking towards zero). ``window <= 1`` returns the values unchanged."""
     values = np.asarray(values, dtype=float)
     if window <= 1 or values.size == 0:
         return values
     window = min(int(window), values.size)
+    if trailing:
+        sums = np.cumsum(values)
+        sums[window:] = sums[window:] - sums[:-window]
+        return sums / np.minimum(np.arange(1, values.size + 1), window)
     kernel = np.ones(window)
     sums = np.convolve(values, kernel, mode="same")
     counts = np.convolve(np.ones_like(values), kernel, mode="same")
@@ -401,17 +427,18 @@ def near_zero_by_multiplier(thesis_on_target: bool, thesis_near_zero: bool, book
 # --- posterior collapse over training ---------------------------------------------------------
 def sentences_until_collapse(rates: Sequence[float], threshold: float, batch_size: int,
                              window: int = 1) -> int | None:
-    """Training sentences seen before a run's minibatch rate (``rates``, one per step, smoothed
-    over ``window`` steps) falls below ``threshold`` for good.
+    """Training sentences seen before a run's minibatch rate (``rates``, one per step, averaged
+    over the ``window`` steps up to each step: :func:`smooth` with ``trailing=True``, so the time
+    is when the fall could be seen, never earlier) falls below ``threshold`` for good.
 
-    Returns 0 when the smoothed rate is below the threshold from the first step on (the run starts
-    collapsed: there is no collapse to time) and None when it is still at or above the threshold
+    Returns 0 when the averaged rate is below the threshold from the first step on (the run starts
+    below it: there is no collapse to time) and None when it is still at or above the threshold
     at the last step (no collapse within the run); otherwise (steps up to and including the last
     one above the threshold, plus one) x ``batch_size``.
     """
     if not batch_size >= 1:
         raise ValueError(f"batch_size={batch_size!r} must be >= 1")
-    smoothed = smooth(rates, window)
+    smoothed = smooth(rates, window, trailing=True)
     if smoothed.size == 0:
         raise ValueError("rates is empty")
     above = np.flatnonzero(smoothed >= threshold)
@@ -426,6 +453,7 @@ def collapse_phrase(what: str, sentences: int | None, first_rate: float, seen: i
     if sentences is None:
         return f"{what} does not collapse within its {seen:,} training sentences"
     if sentences == 0:
-        return (f"{what}'s smoothed rate is below the threshold from its first step on "
-                f"({first_rate:.2f} nats there): it starts collapsed, so there is no collapse to time")
+        return (f"{what}'s rate is below the threshold from its first step on ({first_rate:.2f} nats "
+                "there, where only the initialisation has set it): it starts below the threshold, so "
+                "there is no collapse to time")
     return f"{what} collapses after {sentences:,} training sentences"
