@@ -10,7 +10,8 @@ from tvae_core.analysis import (A_BELOW_B, AT_FLOOR, AT_LIMIT, B_BELOW_A, BOTH_M
                                 ONLY_BOOK_MULTIPLIER, ONLY_THESIS_MULTIPLIER, PARTLY, REPRODUCES,
                                 THESIS_RUN_OFF_TARGET, at_floor, compare_marginal_kl, collapse_phrase,
                                 larger_part_of_rate, larger_part_of_rate_bracketed, marginal_kl_floor,
-                                monotone_in_target, multiplier_summary, near_zero_by_multiplier, on_target,
+                                monotone_in_target, multiplier_summary, near_zero_by_multiplier, near_zero_kl,
+                                on_target,
                                 rank_correlation, rates_vs_targets, relative_deviation, run_table,
                                 sentences_until_collapse, smooth, verdict_from_checks)
 
@@ -92,13 +93,26 @@ def test_larger_part_of_rate_needs_two_standard_errors_of_the_difference():
     assert larger_part_of_rate(0.01, 0.02, 0.0) == NEITHER_RESOLVED
 
 
+def test_near_zero_kl_is_at_floor_against_the_floor_plus_a_margin():
+    # floor 0.0 +- 0.02; margin 0.5: 0.3 +- 0.05 is near zero, 1.0 +- 0.05 is not, 0.6 +- 0.05 is
+    # within 2 combined se of 0.5 (0.108), so not resolved above it
+    assert near_zero_kl(0.3, 0.05, 0.0, 0.02) and not near_zero_kl(1.0, 0.05, 0.0, 0.02)
+    assert near_zero_kl(0.6, 0.05, 0.0, 0.02) and not near_zero_kl(0.6, 0.05, 0.0, 0.02, margin=0.2)
+    assert near_zero_kl(0.3, 0.05, 0.0, 0.02, margin=0.0) == at_floor(0.3, 0.05, 0.0, 0.02)
+    with pytest.raises(ValueError, match="margin"):
+        near_zero_kl(0.3, 0.05, 0.0, 0.02, margin=-1.0)
+
+
 def test_larger_part_of_rate_from_the_two_aggregate_estimates():
     # rate 8: half is 4; the bracket [lower, upper] must lie wholly on one side of it
     assert larger_part_of_rate_bracketed(4.5, 5.0, 8.0) == MOSTLY_MARGINAL_KL
     assert larger_part_of_rate_bracketed(1.0, 3.9, 8.0) == MOSTLY_INDEX_CODE_MI
     assert larger_part_of_rate_bracketed(3.5, 4.5, 8.0) == NEITHER_RESOLVED
+    # crossed estimates (possible on one sample) are read as the bracket they span
+    assert larger_part_of_rate_bracketed(5.0, 4.5, 8.0) == MOSTLY_MARGINAL_KL
+    assert larger_part_of_rate_bracketed(4.5, 3.5, 8.0) == NEITHER_RESOLVED
     with pytest.raises(ValueError, match="marginal_kl_lower"):
-        larger_part_of_rate_bracketed(5.0, 4.0, 8.0)
+        larger_part_of_rate_bracketed(math.nan, 4.0, 8.0)
     with pytest.raises(ValueError, match="rate"):
         larger_part_of_rate_bracketed(1.0, 2.0, -1.0)
 

@@ -166,6 +166,20 @@ def at_floor(value: float, se: float, floor: float, floor_se: float, separation:
     return value - floor <= separation * math.hypot(se, floor_se)
 
 
+# A marginal KL "near zero" (the thesis's MDR finding, read off slide 35's plot to about 0.3 nats):
+# not resolved above the calibration floor plus this many nats. Pages 04 and 09 use it.
+NEAR_ZERO_KL = 0.5
+
+
+def near_zero_kl(value: float, se: float, floor: float, floor_se: float, margin: float = NEAR_ZERO_KL,
+                 separation: float = SEPARATION) -> bool:
+    """Whether a marginal-KL estimate is near zero: :func:`at_floor` against ``floor + margin``
+    (not resolved above the calibration floor plus ``margin`` nats, by the 2-se rule)."""
+    if not margin >= 0:
+        raise ValueError(f"margin={margin!r} must be >= 0 (nats)")
+    return at_floor(value, se, floor + margin, floor_se, separation)
+
+
 def compare_marginal_kl(a: float, b: float, se_a: float, se_b: float, *, a_at_floor: bool = False,
                         b_at_floor: bool = False, a_at_limit: bool = False, b_at_limit: bool = False,
                         separation: float = SEPARATION) -> str:
@@ -235,13 +249,12 @@ def larger_part_of_rate_bracketed(marginal_kl_lower: float, marginal_kl_upper: f
     which bracket the truth in expectation. Even the lower one above ``rate / 2`` ->
     :data:`MOSTLY_MARGINAL_KL`; even the upper one below it -> :data:`MOSTLY_INDEX_CODE_MI`; else
     :data:`NEITHER_RESOLVED`. ``rate`` is the Monte Carlo rate of the same samples (the estimates'
-    MI + KL)."""
+    MI + KL). The leave-one-out estimate is the lower one in expectation; on one sample the two can
+    cross where they nearly agree (a collapsed code), so the bracket is taken as their min and max."""
     lower = _check_finite("marginal_kl_lower", marginal_kl_lower)
     upper = _check_finite("marginal_kl_upper", marginal_kl_upper)
     rate = _check_finite("rate", rate, 0.0)
-    if lower > upper + 1e-9:
-        raise ValueError(f"marginal_kl_lower={lower!r} must be <= marginal_kl_upper={upper!r} (leave-one-out "
-                         "below self term)")
+    lower, upper = min(lower, upper), max(lower, upper)
     if lower > 0.5 * rate:
         return MOSTLY_MARGINAL_KL
     if upper < 0.5 * rate:
