@@ -5,8 +5,10 @@ of each budget. The table and the verdicts drawn from the rows are :mod:`tvae_co
 Per run: the cached test-split evaluation (:func:`tvae_core.evaluation.evaluate_run`), the
 aggregate-posterior index-code MI and marginal KL on the whole *training* split (log N = 10.6 for
 PTB, where the test split's ceiling is log 3761 = 8.2), active units, and the greedy
-reconstruction token accuracy from the posterior mean and, as the baseline that ignores x, from
-z = 0 (the prior mean). An estimate at its ceiling (MI) or floor (marginal KL) is flagged in the
+reconstruction token accuracy from the posterior mean and, as baselines that carry nothing about x,
+from z = 0 (the prior mean) and from another sentence's posterior mean (the next one's: a code
+from where q(z) puts its mass, so that a code offset from the prior does not pass for
+information). An estimate at its ceiling (MI) or floor (marginal KL) is flagged in the
 table, never reported as the value.
 """
 from __future__ import annotations
@@ -34,23 +36,37 @@ class ReconstructionAccuracy:
 
 @torch.no_grad()
 def reconstruction_accuracy(model, sequences: list[list[int]], pad_id: int, *, from_prior_mean: bool = False,
-                            batch_size: int = 64) -> ReconstructionAccuracy:
-    """Encode each ``[BOS] w_1..w_n [EOS]`` sequence, decode z = E_q[z|x] greedily (or z = 0 with
-    ``from_prior_mean``: what the decoder writes without information about x) and count the
+                            from_other_sentence: bool = False, batch_size: int = 64) -> ReconstructionAccuracy:
+    """Encode each ``[BOS] w_1..w_n [EOS]`` sequence, decode z = E_q[z|x] greedily and count the
     positions i where the generated token equals w_i (the target being w_1..w_n [EOS]).
+
+    Baselines without information about x: ``from_prior_mean`` decodes z = 0, the prior's mean;
+    ``from_other_sentence`` decodes sentence i from the posterior mean of sentence i + 1 (the last
+    from the first's), a code drawn from where the encoder puts its codes. z = 0 is information-
+    free only where q(z) sits on the prior: a run whose codes all sit away from it beats z = 0
+    through that offset alone, never another sentence's code.
 
     A generated sentence shorter than the target counts its missing positions as wrong; longer,
     its extra tokens are ignored (they cost nothing in token accuracy, only in the sentence one).
     """
     if not sequences:
         raise ValueError("sequences is empty")
+    if from_prior_mean and from_other_sentence:
+        raise ValueError("from_prior_mean and from_other_sentence are exclusive: choose one baseline")
     device = module_device(model)
-    correct = total = exact = 0
-    for batch in iterate_batches(sequences, batch_size, pad_id, shuffle=False, bucket=False):
-        batch = move_batch(batch, device)
+    batches = [move_batch(b, device) for b in iterate_batches(sequences, batch_size, pad_id, shuffle=False,
+                                                                 bucket=False)]
+    others = None
+    if from_other_sentence:   # every posterior mean first, in order, then each sentence gets the next one's
+        others = torch.cat([model.encode(b).loc for b in batches]).roll(-1, dims=0)       # [N, D]
+    correct = total = exact = done = 0
+    for batch in batches:
         z = model.encode(batch).loc                                               # [B, D]
         if from_prior_mean:
             z = torch.zeros_like(z)
+        elif others is not None:
+            z = others[done:done + z.shape[0]]
+        done += z.shape[0]
         mask = batch["attention_mask"].bool()
         targets = [row[m][1:].tolist() for row, m in zip(batch["input_ids"], mask)]   # drop [BOS]
         generated = model.generate(z, max_new_tokens=max(len(t) for t in targets), greedy=True)
@@ -80,6 +96,7 @@ def budget_measures(run, profile, *, recon_sentences: int = 200, seed: int = 0, 
     test_seqs = corpus.token_ids("test")[:recon_sentences]
     recon = reconstruction_accuracy(model, test_seqs, run.vocab.pad_id)
     recon_prior = reconstruction_accuracy(model, test_seqs, run.vocab.pad_id, from_prior_mean=True)
+    recon_other = reconstruction_accuracy(model, test_seqs, run.vocab.pad_id, from_other_sentence=True)
     return {
         "label": cfg.label, "objective": cfg.objective.name, "target_rate": cfg.objective.target_rate,
         "steps": cfg.train.max_steps, "batch_size": cfg.train.batch_size, "run_key": cfg.key,
@@ -97,6 +114,7 @@ def budget_measures(run, profile, *, recon_sentences: int = 200, seed: int = 0, 
             "marginal_kl_loo": split.marginal_kl_loo, "active_units": split.active_units,
         },
         "reconstruction": asdict(recon), "reconstruction_from_prior_mean": asdict(recon_prior),
+        "reconstruction_from_other_sentence": asdict(recon_other),
         "seconds": time.time() - started,
     }
 
@@ -136,7 +154,7 @@ def budget_mmm(runs: dict, profile, *, seed: int = 0, family: str = "RD", progre
 # --------------------------------------------------------------------------------------------
 # Bump when budget_measures changes what it measures or stores: every stored row is then
 # recomputed (the key changes; the evaluation code is in the key already).
-MEASURES_VERSION = 2
+MEASURES_VERSION = 3
 
 
 def budget_row_key(run_key: str, profile, *, seed: int = 0, recon_sentences: int = 200) -> str:
