@@ -56,17 +56,15 @@ def reconstruction_accuracy(model, sequences: list[list[int]], pad_id: int, *, f
     device = module_device(model)
     batches = [move_batch(b, device) for b in iterate_batches(sequences, batch_size, pad_id, shuffle=False,
                                                                  bucket=False)]
-    others = None
-    if from_other_sentence:   # every posterior mean first, in order, then each sentence gets the next one's
-        others = torch.cat([model.encode(b).loc for b in batches]).roll(-1, dims=0)       # [N, D]
+    codes = torch.cat([model.encode(b).loc for b in batches])                    # [N, D], in order
+    if from_prior_mean:
+        codes = torch.zeros_like(codes)
+    elif from_other_sentence:   # each sentence gets the next one's posterior mean
+        codes = codes.roll(-1, dims=0)
     correct = total = exact = done = 0
     for batch in batches:
-        z = model.encode(batch).loc                                               # [B, D]
-        if from_prior_mean:
-            z = torch.zeros_like(z)
-        elif others is not None:
-            z = others[done:done + z.shape[0]]
-        done += z.shape[0]
+        size = batch["input_ids"].shape[0]
+        z, done = codes[done:done + size], done + size                           # [B, D]
         mask = batch["attention_mask"].bool()
         targets = [row[m][1:].tolist() for row, m in zip(batch["input_ids"], mask)]   # drop [BOS]
         generated = model.generate(z, max_new_tokens=max(len(t) for t in targets), greedy=True)

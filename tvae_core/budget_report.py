@@ -51,16 +51,11 @@ def budget_table(rows: list[dict]) -> str:
             f"| {_method(row)} | {row['steps']} | {t['rate']:.2f} | {t['distortion']:.2f} | {t['elbo']:.2f} | "
             f"{t['iw_log_likelihood']:.2f} ({t['iw_num_samples']}, {t['iw_num_sentences']}) | {mi_test} | {mi_train} | "
             f"{kl_test} | {kl_train} | {t['active_units']} | "
-            f"{row['reconstruction']['token_accuracy']:.3f} / {_other(row)} / "
+            f"{row['reconstruction']['token_accuracy']:.3f} / "
+            f"{row['reconstruction_from_other_sentence']['token_accuracy']:.3f} / "
             f"{row['reconstruction_from_prior_mean']['token_accuracy']:.3f} | "
             f"{seconds} |")
     return "\n".join(lines) + "\n"
-
-
-def _other(row) -> str:
-    """The other-sentence baseline's accuracy, "-" for a row stored before it was measured."""
-    other = row.get("reconstruction_from_other_sentence")
-    return "-" if other is None else f"{other['token_accuracy']:.3f}"
 
 
 # --------------------------------------------------------------------------------------------
