@@ -8,6 +8,7 @@ From N posteriors q(z|x_n) = N(loc_n, diag(scale_n^2)) and z_i ~ q(z|x_i) (so z_
 * marginal KL        KL(q(z)||p(z)) = E[log q(z_i) - log p(z_i)]
 * total correlation  TC = E[log q(z_i) - sum_d log q(z_id)]               (Chen et al., 2018)
 * dimension-wise KL  sum_d E[log q(z_id) - log p(z_id)]
+
 All four use the same samples, so (up to float rounding) MI + marginal KL = the Monte Carlo rate
 and marginal KL = TC + dimension-wise KL hold *exactly* for the estimates.
 
@@ -24,6 +25,7 @@ The self term (n = i) decides the bias
   points, an unbiased estimate of q(z_i) inside a log, so log q(z) is biased *down* (Jensen):
   MI is an *upper bound* in expectation (Poole et al.'s L1Out) with no ceiling, marginal KL is
   biased down and can come out negative.
+
 Report both (:func:`self_and_leave_one_out_terms`, one pass): the truth lies between them in
 expectation; when they disagree, N is too small for the information in the code.
 """

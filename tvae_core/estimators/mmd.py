@@ -90,7 +90,7 @@ def _mmd2_for_labels(kernel: torch.Tensor, labels: torch.Tensor, n: int, m: int)
 
 def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor, bandwidths: Sequence[float]) -> float:
     """Unbiased MMD^2 (Gretton et al., 2012, eq. 3) with the mean of Gaussian kernels over
-    ``bandwidths``, k(a, b) = mean_h exp(-|a - b|^2 / (2 h^2)):
+    ``bandwidths``, ``k(a, b) = mean_h exp(-|a - b|^2 / (2 h^2))``::
 
         MMD^2_u = 1/(n(n-1)) sum_{i != j} k(x_i, x_j) + 1/(m(m-1)) sum_{i != j} k(y_i, y_j)
                   - 2/(nm) sum_{i,j} k(x_i, y_j).
