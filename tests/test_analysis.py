@@ -11,7 +11,7 @@ from tvae_core.analysis import (A_BELOW_B, AT_FLOOR, AT_LIMIT, B_BELOW_A, BOTH_M
                                 THESIS_RUN_OFF_TARGET, at_floor, compare_marginal_kl, collapse_phrase,
                                 larger_part_of_rate, larger_part_of_rate_bracketed, marginal_kl_floor,
                                 monotone_in_target, multiplier_summary, near_zero_by_multiplier, near_zero_kl,
-                                on_target,
+                                on_target, elbo_difference, iw_difference, monotone_in_steps, paired_difference,
                                 rank_correlation, rates_vs_targets, relative_deviation, run_table,
                                 sentences_until_collapse, smooth, verdict_from_checks)
 
@@ -252,3 +252,76 @@ def test_run_table_takes_each_runs_method_from_its_config_not_its_label():
     assert row["rate"] == 7.0 and math.isnan(row["final_lambda"]) and not row["mi_at_ceiling"]
     with pytest.raises(ValueError, match="without an evaluation"):
         run_table({"my own name": run}, {})
+
+
+def test_paired_difference_by_hand():
+    """a - b = [0.5, 0.5, 1.0, 0.5]: mean 0.625, sample standard deviation 0.25, error 0.125."""
+    diff = paired_difference([1.0, 2.0, 3.0, 4.0], [0.5, 1.5, 2.0, 3.5])
+    assert (diff.mean, diff.standard_error, diff.num_sentences) == pytest.approx((0.625, 0.125, 4))
+    assert diff.ordering() == B_BELOW_A                       # 0.625 > 2 x 0.125
+    assert diff.ordering(separation=5.0) == NOT_SEPARABLE     # 0.625 <= 5 x 0.125
+    assert paired_difference([0.5, 1.5, 2.0, 3.5], [1.0, 2.0, 3.0, 4.0]).ordering() == A_BELOW_B
+
+
+def test_pairing_removes_what_the_sentences_share():
+    """Sentence costs spread over tens of nats under both models, one model 0.5 nats better on every
+    sentence up to small noise: the means' own errors overlap (not separable as independent
+    estimates), the paired error is the noise's alone and orders them."""
+    rng = np.random.default_rng(0)
+    shared = rng.normal(-100.0, 30.0, size=64)
+    a = shared + 0.5 + rng.normal(0.0, 0.2, size=64)
+    b = shared
+    se = lambda x: x.std(ddof=1) / math.sqrt(len(x))
+    assert compare_marginal_kl(a.mean(), b.mean(), se(a), se(b)) == NOT_SEPARABLE
+    diff = paired_difference(a, b)
+    assert diff.standard_error == pytest.approx(0.2 / 8, rel=0.3) and diff.standard_error < se(a) / 50
+    assert diff.mean == pytest.approx(0.5, abs=0.1) and diff.ordering() == B_BELOW_A
+
+
+def test_paired_difference_refuses_what_cannot_be_paired():
+    with pytest.raises(ValueError, match="a has 3 values, b 2"):
+        paired_difference([1.0, 2.0, 3.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="at least 2"):
+        paired_difference([1.0], [2.0])
+    with pytest.raises(ValueError, match=r"b\[1\]=nan"):
+        paired_difference([1.0, 2.0], [1.0, float("nan")])
+    with pytest.raises(ValueError, match="separation"):
+        paired_difference([1.0, 2.0], [1.0, 1.0]).ordering(separation=-1.0)
+
+
+def test_iw_and_elbo_differences_pair_runs_only_on_the_same_sentences():
+    from types import SimpleNamespace
+
+    def ev(label, iw, elbo, sha="x"):
+        return SimpleNamespace(label=label, iw_log_likelihood_per_sentence=iw, iw_num_sentences=len(iw),
+                               elbo_per_sentence=elbo, num_sentences=len(elbo), sentences_sha256=sha)
+
+    a = ev("a", [-10.0, -20.0, -30.0], [-12.0, -22.0, -33.0, -8.0])
+    b = ev("b", [-11.0, -21.0, -31.5], [-12.0, -22.5, -33.0, -8.5])
+    diff = iw_difference(a, b)
+    assert diff.mean == pytest.approx(7 / 6) and diff.ordering() == B_BELOW_A
+    elbo = elbo_difference(a, b)
+    assert (elbo.mean, elbo.num_sentences) == pytest.approx((0.25, 4))
+    assert elbo.standard_error == pytest.approx(math.sqrt(1 / 12) / 2)   # [0, .5, 0, .5]: sd sqrt(1/12)
+    with pytest.raises(ValueError, match="different sentences"):
+        iw_difference(a, ev("c", [-10.0, -20.0, -30.0], [-1.0] * 4, sha="y"))
+    with pytest.raises(ValueError, match="iw_num_sentences=3, b .* 2"):
+        iw_difference(a, ev("d", [-10.0, -20.0], [-1.0] * 4))
+    with pytest.raises(TypeError, match="RunEvaluation"):
+        elbo_difference(a, SimpleNamespace(elbo=-1.0))
+
+
+def test_monotone_in_steps_needs_every_step_resolved():
+    from tvae_core.analysis import PairedDifference
+
+    down, up = PairedDifference(-1.0, 0.2, 64), PairedDifference(1.0, 0.2, 64)
+    flat = PairedDifference(-0.3, 0.2, 64)          # within two paired standard errors
+    assert monotone_in_steps([down, down, down]) == "falling"
+    assert monotone_in_steps([up, up]) == "rising"
+    assert monotone_in_steps([down, flat, down]) == "not monotone"
+    assert monotone_in_steps([down, flat], separation=1.0) == "falling"   # 0.3 > 1 x 0.2
+    assert monotone_in_steps([down, up]) == "not monotone"
+    with pytest.raises(ValueError, match="PairedDifference"):
+        monotone_in_steps([])
+    with pytest.raises(ValueError, match="PairedDifference"):
+        monotone_in_steps([-1.0, -2.0])

@@ -4,8 +4,9 @@ The vocabulary a page uses when it judges a thesis finding: one on-target tolera
 page calls the same runs "on target", and small rules that turn measured values into a verdict (a
 rate pattern, a trend over targets, an ordering of two marginal KLs). Each rule refuses to compare
 a value at its estimator's limit (a ceiling such as log N, or a calibration floor) and says so
-instead. Beside them: the run table of a set of evaluated runs, a rank correlation, whether a
-Lagrange multiplier settled, and when a run's rate collapsed.
+instead. Beside them: a paired difference of two runs' bounds on the same sentences, the run table of a
+set of evaluated runs, a rank correlation, whether a Lagrange multiplier settled, and when a run's
+rate collapsed.
 """
 from __future__ import annotations
 
@@ -201,6 +202,107 @@ def compare_marginal_kl(a: float, b: float, se_a: float, se_b: float, *, a_at_fl
     if abs(a - b) <= separation * math.hypot(se_a, se_b):
         return NOT_SEPARABLE
     return A_BELOW_B if a < b else B_BELOW_A
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """The mean of per-sentence differences ``a_i - b_i`` over the same ``num_sentences`` sentences
+    and its standard error ``std(a_i - b_i) / sqrt(n)`` (n - 1 in the variance)."""
+    mean: float
+    standard_error: float
+    num_sentences: int
+
+    def ordering(self, separation: float = SEPARATION) -> str:
+        """:data:`NOT_SEPARABLE` when ``|mean| <= separation * standard_error``, else
+        :data:`A_BELOW_B` (mean < 0) or :data:`B_BELOW_A`."""
+        if not separation >= 0:
+            raise ValueError(f"separation={separation!r} must be >= 0 (standard errors)")
+        if abs(self.mean) <= separation * self.standard_error:
+            return NOT_SEPARABLE
+        return A_BELOW_B if self.mean < 0 else B_BELOW_A
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> PairedDifference:
+    """Mean and standard error of ``a_i - b_i``: two estimates on the same sentences, compared
+    sentence by sentence.
+
+    What most of the spread of a per-sentence log-likelihood is (a long sentence costs more nats
+    than a short one under every model) is shared by both, and cancels in ``a_i - b_i``: the paired
+    standard error is then far smaller than the two means' standard errors combined, which treat
+    the two as independent samples. It covers the sentences' sampling and whatever per-sentence
+    noise each estimate has (an IW bound's Monte Carlo error), nothing else.
+    """
+    a_values = _finite_values("a", a)
+    b_values = _finite_values("b", b)
+    if len(a_values) != len(b_values):
+        raise ValueError(f"a has {len(a_values)} values, b {len(b_values)}: a paired difference needs one "
+                         "value per sentence in each, on the same sentences")
+    if len(a_values) < 2:
+        raise ValueError(f"a and b have {len(a_values)} value(s): a standard error needs at least 2")
+    diff = np.asarray(a_values) - np.asarray(b_values)
+    return PairedDifference(mean=float(diff.mean()), standard_error=float(diff.std(ddof=1) / math.sqrt(len(diff))),
+                            num_sentences=len(diff))
+
+
+def _finite_values(name: str, values: Sequence[float]) -> list[float]:
+    """``values`` as finite floats (ValueError naming ``name`` and the first bad index)."""
+    out = [float(v) for v in values]
+    for i, v in enumerate(out):
+        if not math.isfinite(v):
+            raise ValueError(f"{name}[{i}]={v!r} must be finite")
+    return out
+
+
+def monotone_in_steps(steps: Sequence[PairedDifference], separation: float = SEPARATION) -> str:
+    """'rising', 'falling' or 'not monotone' from the paired differences between neighbouring
+    targets, each the later target's run minus the earlier's (e.g. ``elbo_difference(run at
+    r_(i+1), run at r_i)``): :func:`monotone_in_target`'s rule with each step's paired standard error
+    (:meth:`PairedDifference.ordering`) in place of the two values' combined errors."""
+    steps = list(steps)
+    if len(steps) < 1 or not all(isinstance(step, PairedDifference) for step in steps):
+        raise ValueError(f"steps={steps!r}: accepted values: one or more PairedDifference")
+    orderings = [step.ordering(separation) for step in steps]
+    if all(o == B_BELOW_A for o in orderings):
+        return "rising"
+    if all(o == A_BELOW_B for o in orderings):
+        return "falling"
+    return "not monotone"
+
+
+def iw_difference(a, b) -> PairedDifference:
+    """Run ``a``'s importance-weighted bound minus run ``b``'s, sentence by sentence
+    (:func:`paired_difference`), from two :class:`~tvae_core.evaluation.RunEvaluation`.
+
+    Positive: ``a`` assigns the sentences more likelihood (by a lower bound on it with K samples
+    each; a looser bound in one run reads as less likelihood). The two must have evaluated the
+    same sentences, tokenised the same way, on as many of them (:func:`_check_paired`).
+    """
+    _check_paired(a, b, "iw_log_likelihood_per_sentence", "iw_num_sentences")
+    return paired_difference(a.iw_log_likelihood_per_sentence, b.iw_log_likelihood_per_sentence)
+
+
+def elbo_difference(a, b) -> PairedDifference:
+    """Run ``a``'s ELBO minus run ``b``'s on every sentence of the split, sentence by sentence
+    (:func:`paired_difference`); each sentence's ELBO is a one-sample estimate, and that sample's
+    noise is in the standard error. Same sentences required, as in :func:`iw_difference`."""
+    _check_paired(a, b, "elbo_per_sentence", "num_sentences")
+    return paired_difference(a.elbo_per_sentence, b.elbo_per_sentence)
+
+
+def _check_paired(a, b, values: str, count: str) -> None:
+    """Both evaluations carry per-sentence ``values`` of the same split (equal ``sentences_sha256``:
+    the same token ids, so a run with another vocabulary is refused) on equally many sentences."""
+    for name, ev in (("a", a), ("b", b)):
+        if not hasattr(ev, values) or not hasattr(ev, "sentences_sha256"):
+            raise TypeError(f"{name}={type(ev).__name__}: accepted values: a RunEvaluation (with per-sentence "
+                            f"{values})")
+    label_a, label_b = getattr(a, "label", "a"), getattr(b, "label", "b")
+    if a.sentences_sha256 != b.sentences_sha256:
+        raise ValueError(f"a ({label_a}) and b ({label_b}) were evaluated on different sentences or "
+                         "tokenisations: no paired difference")
+    if getattr(a, count) != getattr(b, count):
+        raise ValueError(f"a ({label_a}) has {count}={getattr(a, count)}, b ({label_b}) {getattr(b, count)}: "
+                         "evaluated with other estimator sizes, no paired difference")
 
 
 def marginal_kl_floor(marginal_kl: float, mutual_information: float, mi_ceiling: float) -> float:

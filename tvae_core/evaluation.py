@@ -3,8 +3,11 @@
 :func:`evaluate_run` computes, for one run and one set of estimator sizes (a profile's
 ``estimators``), on the test split:
 
-* single-sample rate / distortion / ELBO (nats per sentence, per token, perplexity bound);
-* the importance-weighted bound on log p(x) with K = ``estimators.iw_num_samples``;
+* single-sample rate / distortion / ELBO (nats per sentence, per token, perplexity bound), and
+  each sentence's ELBO;
+* the importance-weighted bound on log p(x) with K = ``estimators.iw_num_samples``, its mean and
+  each sentence's value (two runs' bounds on the same sentences are compared pairwise:
+  :func:`tvae_core.analysis.iw_difference`, :func:`tvae_core.analysis.elbo_difference`);
 * the posterior parameters of every test sentence (kept as safetensors, for histograms, MMD and
   the mixed membership model) and, from them, the aggregate-posterior index-code MI and marginal
   KL (self-term and leave-one-out estimators, each with its ceiling), total correlation and
@@ -50,7 +53,7 @@ from .profiles import EstimatorSize
 from .runs import Run
 
 log = logging.getLogger(__name__)
-EVALUATION_FORMAT_VERSION = 4  # 2: IW batches bucketed by length, bfloat16 head option; 3: bfloat16 decoder, float32 target logit; 4: the compiled bfloat16 LM-head kernel (tvae_core.native)
+EVALUATION_FORMAT_VERSION = 5  # 2: IW batches bucketed by length, bfloat16 head option; 3: bfloat16 decoder, float32 target logit; 4: the compiled bfloat16 LM-head kernel (tvae_core.native); 5: the ELBO and the IW bound per sentence, the split's hash
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class RunEvaluation:
     rate: float
     distortion: float
     elbo: float
+    elbo_per_sentence: list            # one single-sample ELBO per sentence of the split, in its order
     elbo_per_token: float
     perplexity_bound: float
     iw_num_samples: int
@@ -70,6 +74,11 @@ class RunEvaluation:
     iw_log_likelihood: float
     iw_log_likelihood_se: float
     iw_perplexity: float
+    # one IW estimate per sentence, in the split's order (its first iw_num_sentences sentences)
+    iw_log_likelihood_per_sentence: list
+    # of the split's token ids as the decoder read them: two runs with the same hash are compared
+    # sentence by sentence (analysis.elbo_difference, analysis.iw_difference)
+    sentences_sha256: str
     elbo_on_iw_sentences: float
     mutual_information: float          # self term included: a lower estimate, capped at log N
     mutual_information_ceiling: float
@@ -177,7 +186,14 @@ def _check_result(result: RunEvaluation) -> None:
               isinstance(value, expected))
         if not ok:
             raise ValueError(f"{f.name}={value!r} is not a {expected.__name__}")
-    bad = non_finite_numbers({k: v for k, v in result.as_dict().items() if k not in ("label", "run_key", "split")})
+    if len(result.iw_log_likelihood_per_sentence) != result.iw_num_sentences:
+        raise ValueError(f"iw_log_likelihood_per_sentence has {len(result.iw_log_likelihood_per_sentence)} values, "
+                         f"iw_num_sentences={result.iw_num_sentences}")
+    if len(result.elbo_per_sentence) != result.num_sentences:
+        raise ValueError(f"elbo_per_sentence has {len(result.elbo_per_sentence)} values, "
+                         f"num_sentences={result.num_sentences}")
+    text = ("label", "run_key", "split", "sentences_sha256")
+    bad = non_finite_numbers({k: v for k, v in result.as_dict().items() if k not in text})
     if bad:
         raise ValueError(f"non-finite {bad}")
 
@@ -238,17 +254,21 @@ def evaluate_model(model, sequences: list[list[int]], pad_id: int, size: Estimat
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
 
-    def batches(seqs, batch_size=size.batch_size, bucket=False):
-        return iterate_batches(seqs, batch_size, pad_id, shuffle=False, bucket=bucket)
+    def batches(seqs, batch_size=size.batch_size):
+        return iterate_batches(seqs, batch_size, pad_id, shuffle=False, bucket=False)
 
     bounds = est.evaluate_bounds(model, batches(sequences), generator=generator, progress=progress,
                                  keep_posterior=True, device=device)
     iw_seqs = sequences[: size.iw_max_sentences] if size.iw_max_sentences else sequences
     plan = iw_batching(size.iw_num_samples, device, size.iw_sequences_per_call)
-    iw = est.evaluate_log_likelihood(model, batches(iw_seqs, plan.sentences_per_call, bucket=True),
+    # shortest first (less padding), then every value put back in the split's order
+    by_length = sorted(range(len(iw_seqs)), key=lambda i: len(iw_seqs[i]))
+    iw = est.evaluate_log_likelihood(model, batches([iw_seqs[i] for i in by_length], plan.sentences_per_call),
                                      num_samples=size.iw_num_samples, chunk_size=plan.chunk_size,
                                      generator=generator, progress=progress, device=device,
                                      workers=plan.workers)
+    iw_per_sentence = torch.empty_like(iw.log_likelihood)
+    iw_per_sentence[torch.tensor(by_length, dtype=torch.long)] = iw.log_likelihood
     elbo_iw = est.evaluate_bounds(model, batches(iw_seqs), generator=generator, progress=False,
                                   device=device).elbo
     params = bounds.posterior  # q(z|x) of the whole split, from the bounds' encoder pass
@@ -264,9 +284,12 @@ def evaluate_model(model, sequences: list[list[int]], pad_id: int, size: Estimat
     result = RunEvaluation(
         label=label, run_key=run_key, split=split, num_sentences=bounds.num_sequences,
         num_tokens=bounds.num_tokens, rate=bounds.rate, distortion=bounds.distortion, elbo=bounds.elbo,
+        elbo_per_sentence=[float(v) for v in bounds.elbo_per_sequence],
         elbo_per_token=bounds.elbo_per_token, perplexity_bound=bounds.perplexity,
         iw_num_samples=size.iw_num_samples, iw_num_sentences=iw.num_sequences,
         iw_log_likelihood=iw.mean, iw_log_likelihood_se=iw.standard_error, iw_perplexity=iw.perplexity,
+        iw_log_likelihood_per_sentence=[float(v) for v in iw_per_sentence],
+        sentences_sha256=hashlib.sha256(canonical_json([list(map(int, s)) for s in sequences]).encode()).hexdigest(),
         elbo_on_iw_sentences=elbo_iw,
         mutual_information=with_self.mutual_information.value,
         mutual_information_ceiling=with_self.mutual_information.ceiling,

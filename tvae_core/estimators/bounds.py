@@ -168,6 +168,9 @@ class BoundTerms:
     # q(z|x) of every sequence in batch order, with keep_posterior=True (the encoder pass this
     # evaluation already made; collect_posterior_parameters would encode the corpus again)
     posterior: PosteriorParameters | None = None
+    # each sequence's single-estimate ELBO, -(rate + distortion), float64 in batch order: two
+    # models on the same batches are compared sequence by sequence (tvae_core.analysis)
+    elbo_per_sequence: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -211,6 +214,7 @@ def evaluate_bounds(model, batches: Iterable[Mapping[str, torch.Tensor]], num_sa
         perplexity=perplexity(-float(elbo.sum()), num_tokens),
         num_sequences=rate.numel(), num_tokens=num_tokens, num_samples=num_samples,
         posterior=PosteriorParameters(torch.cat(locs), torch.cat(scales)) if keep_posterior else None,
+        elbo_per_sequence=elbo,
     )
 
 
