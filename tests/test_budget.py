@@ -1,5 +1,6 @@
 """The training-budget study (issue 18): its configs, the reconstruction accuracy, its script."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -122,6 +123,39 @@ def test_the_other_sentence_baseline_decodes_each_sentence_from_the_next_ones_co
         torch.testing.assert_close(torch.cat(seen), codes.roll(-1, dims=0), atol=1e-5, rtol=0)
 
 
+def test_a_reconstruction_gain_is_judged_by_its_paired_standard_error():
+    """Per sentence of 10 tokens: own reconstructions match [3, 5, 4, 4], another sentence's code
+    [1, 4, 2, 3]: gain per sentence [2, 1, 2, 1], mean 1.5 tokens (sd 0.577), so the token-accuracy
+    gain is 0.15 with error 0.577 / 2 / 10 = 0.0289. Counted by position, the gain is exactly the
+    accuracies' difference."""
+    from tvae_core.budget import ReconstructionAccuracy
+
+    def recon(counts):
+        return ReconstructionAccuracy(token_accuracy=sum(counts) / 40, sentence_accuracy=0.0, num_sentences=4,
+                                      num_tokens=40, correct_per_sentence=tuple(counts))
+
+    own, other = recon([3, 5, 4, 4]), recon([1, 4, 2, 3])
+    gain = own.gain_over(other)
+    assert gain.mean == pytest.approx(own.token_accuracy - other.token_accuracy) == pytest.approx(0.15)
+    assert gain.standard_error == pytest.approx(math.sqrt(1 / 3) / 2 / 10)
+    assert gain.ordering() == "b below a"
+    # the same accuracies, but the gain on one sentence only: within two paired standard errors
+    lopsided = recon([9, 3, 2, 2]).gain_over(recon([3, 3, 2, 2]))
+    assert lopsided.mean == pytest.approx(0.15) and lopsided.ordering() == "not separable"
+    with pytest.raises(ValueError, match="not the same sentences"):
+        own.gain_over(ReconstructionAccuracy(token_accuracy=0.1, sentence_accuracy=0.0, num_sentences=4,
+                                             num_tokens=41, correct_per_sentence=(1, 1, 1, 1)))
+
+
+def test_reconstruction_counts_each_sentences_matching_positions():
+    model, vocab, sequences = _tiny_model()
+    targets = [s[1:] for s in sequences]
+    model.generate = lambda z, max_new_tokens, greedy: [list(t[:-1]) for t in targets[: z.shape[0]]]
+    cut = reconstruction_accuracy(model, sequences, vocab.pad_id)   # one batch: the stub answers in order
+    assert cut.correct_per_sentence == tuple(len(t) - 1 for t in targets)
+    assert sum(cut.correct_per_sentence) / cut.num_tokens == cut.token_accuracy
+
+
 def _row(objective, target, steps, mi, ceiling, at_ceiling):
     test = {"rate": 10.0, "distortion": 90.0, "elbo": -100.0, "iw_log_likelihood": -95.0, "iw_num_samples": 8,
             "iw_num_sentences": 4, "mutual_information": mi, "mutual_information_ceiling": ceiling,
@@ -234,8 +268,21 @@ def _study_row(objective, target, steps, *, rate, elbo=-100.0, mi=2.0, mi_at_cei
             "test": {"rate": rate, "elbo": elbo},
             "train_split": {"mutual_information": mi, "mutual_information_at_ceiling": mi_at_ceiling,
                             "marginal_kl": kl, "marginal_kl_at_floor": kl_at_floor},
-            "reconstruction": {"token_accuracy": recon}, "reconstruction_from_prior_mean": {"token_accuracy": recon_prior},
-            "reconstruction_from_other_sentence": {"token_accuracy": recon_other}}
+            "reconstruction": _recon(recon), "reconstruction_from_prior_mean": _recon(recon_prior),
+            "reconstruction_from_other_sentence": _recon(recon_other)}
+
+
+def _recon(accuracy, num_sentences=100, tokens_each=20):
+    """A stored reconstruction with ``accuracy`` of 100 sentences of 20 tokens each, its matching
+    positions spread over the sentences (so a paired difference has a nonzero error)."""
+    from dataclasses import asdict
+
+    from tvae_core.budget import ReconstructionAccuracy
+
+    total = round(accuracy * num_sentences * tokens_each)
+    counts = [total // num_sentences + (1 if i < total % num_sentences else 0) for i in range(num_sentences)]
+    return asdict(ReconstructionAccuracy(token_accuracy=accuracy, sentence_accuracy=0.0, num_sentences=num_sentences,
+                                         num_tokens=num_sentences * tokens_each, correct_per_sentence=tuple(counts)))
 
 
 def test_phenomena_table_judges_each_budget_and_never_compares_bounds():

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .analysis import PairedDifference, paired_difference
 from .data import iterate_batches
 from .device import module_device, move_batch
 from .latent_space import token_accuracy
@@ -32,6 +33,22 @@ class ReconstructionAccuracy:
     sentence_accuracy: float     # sentences reproduced exactly, [EOS] included
     num_sentences: int
     num_tokens: int
+    # matching positions of each sentence, in the order given: two reconstructions of the same
+    # sentences (their targets are the same) are compared sentence by sentence (gain_over)
+    correct_per_sentence: tuple = ()
+
+    def gain_over(self, baseline: "ReconstructionAccuracy"):
+        """This token accuracy minus ``baseline``'s on the same sentences, with its standard error
+        from the per-sentence differences of matching positions
+        (:func:`~tvae_core.analysis.paired_difference`, scaled by sentences / tokens: the targets,
+        and so the denominator, are the same). Returns a
+        :class:`~tvae_core.analysis.PairedDifference` in token accuracy."""
+        if (self.num_sentences, self.num_tokens) != (baseline.num_sentences, baseline.num_tokens):
+            raise ValueError(f"baseline has {baseline.num_sentences} sentences / {baseline.num_tokens} tokens, this "
+                             f"{self.num_sentences} / {self.num_tokens}: not the same sentences")
+        per_sentence = paired_difference(self.correct_per_sentence, baseline.correct_per_sentence)
+        scale = self.num_sentences / self.num_tokens
+        return PairedDifference(per_sentence.mean * scale, per_sentence.standard_error * scale, self.num_sentences)
 
 
 @torch.no_grad()
@@ -61,7 +78,7 @@ def reconstruction_accuracy(model, sequences: list[list[int]], pad_id: int, *, f
         codes = torch.zeros_like(codes)
     elif from_other_sentence:   # each sentence gets the next one's posterior mean
         codes = codes.roll(-1, dims=0)
-    correct = total = exact = done = 0
+    per_sentence, total, exact, done = [], 0, 0, 0
     for batch in batches:
         size = batch["input_ids"].shape[0]
         z, done = codes[done:done + size], done + size                           # [B, D]
@@ -69,11 +86,12 @@ def reconstruction_accuracy(model, sequences: list[list[int]], pad_id: int, *, f
         targets = [row[m][1:].tolist() for row, m in zip(batch["input_ids"], mask)]   # drop [BOS]
         generated = model.generate(z, max_new_tokens=max(len(t) for t in targets), greedy=True)
         for target, output in zip(targets, generated):
-            correct += round(token_accuracy(target, output) * len(target))  # matching positions
+            per_sentence.append(round(token_accuracy(target, output) * len(target)))   # matching positions
             total += len(target)
             exact += int(output == target)
-    return ReconstructionAccuracy(token_accuracy=correct / total, sentence_accuracy=exact / len(sequences),
-                                  num_sentences=len(sequences), num_tokens=total)
+    return ReconstructionAccuracy(token_accuracy=sum(per_sentence) / total, sentence_accuracy=exact / len(sequences),
+                                  num_sentences=len(sequences), num_tokens=total,
+                                  correct_per_sentence=tuple(per_sentence))
 
 
 def budget_measures(run, profile, *, recon_sentences: int = 200, seed: int = 0, progress: bool = False) -> dict:
@@ -152,7 +170,7 @@ def budget_mmm(runs: dict, profile, *, seed: int = 0, family: str = "RD", progre
 # --------------------------------------------------------------------------------------------
 # Bump when budget_measures changes what it measures or stores: every stored row is then
 # recomputed (the key changes; the evaluation code is in the key already).
-MEASURES_VERSION = 3
+MEASURES_VERSION = 4
 
 
 def budget_row_key(run_key: str, profile, *, seed: int = 0, recon_sentences: int = 200) -> str:
