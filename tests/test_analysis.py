@@ -263,6 +263,17 @@ def test_paired_difference_by_hand():
     assert paired_difference([0.5, 1.5, 2.0, 3.5], [1.0, 2.0, 3.0, 4.0]).ordering() == A_BELOW_B
 
 
+def test_a_small_difference_is_shown_only_by_a_narrow_error():
+    from tvae_core.analysis import PairedDifference
+
+    assert PairedDifference(0.2, 0.1, 64).within(0.5)              # 0.2 + 2 x 0.1 <= 0.5
+    assert not PairedDifference(0.2, 0.3, 64).within(0.5)          # not separable from 0, yet not shown small
+    assert PairedDifference(0.2, 0.3, 64).ordering() == NOT_SEPARABLE
+    assert not PairedDifference(-0.45, 0.05, 64).within(0.5)       # |-0.45| + 0.1 > 0.5
+    with pytest.raises(ValueError, match="margin"):
+        PairedDifference(0.0, 0.1, 64).within(-1.0)
+
+
 def test_pairing_removes_what_the_sentences_share():
     """Sentence costs spread over tens of nats under both models, one model 0.5 nats better on every
     sentence up to small noise: the means' own errors overlap (not separable as independent

@@ -221,6 +221,16 @@ class PairedDifference:
             return NOT_SEPARABLE
         return A_BELOW_B if self.mean < 0 else B_BELOW_A
 
+    def within(self, margin: float, separation: float = SEPARATION) -> bool:
+        """Whether the difference is shown to be small: ``|mean| + separation * standard_error <=
+        margin`` (an equivalence test). Not separable from zero is not the same: a difference with a
+        wide error is neither ordered nor shown small."""
+        if not margin >= 0:
+            raise ValueError(f"margin={margin!r} must be >= 0 (the difference's units)")
+        if not separation >= 0:
+            raise ValueError(f"separation={separation!r} must be >= 0 (standard errors)")
+        return abs(self.mean) + separation * self.standard_error <= margin
+
 
 def paired_difference(a: Sequence[float], b: Sequence[float]) -> PairedDifference:
     """Mean and standard error of ``a_i - b_i``: two estimates on the same sentences, compared
