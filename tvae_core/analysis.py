@@ -425,7 +425,7 @@ def rank_correlation(x: Sequence[float], y: Sequence[float]) -> float:
 def run_table(runs: Mapping[str, object], evaluations: Mapping[str, object]):
     """One row per run label: its method (from the run's config, :func:`tvae_core.methods.method_of`,
     never parsed from the label), free-bits variant, target rate, and the held-out evaluation
-    (:class:`tvae_core.evaluation.Evaluation`): rate, distortion, ELBO, IW log-likelihood and its
+    (:class:`tvae_core.evaluation.RunEvaluation`): rate, distortion, ELBO, IW log-likelihood and its
     standard error, the ELBO on the IW sentences, IW perplexity, active units, aggregate MI with its
     ceiling and whether it sits there, marginal KL, and the final MDR multiplier (NaN elsewhere)."""
     import pandas as pd

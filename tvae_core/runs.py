@@ -206,7 +206,7 @@ def _load_verified_run(config: RunConfig, path: Path, manifest: dict) -> Run:
 
 
 def export_pretrained(run: Run, directory: str | Path | None = None) -> Path:
-    """Save ``run``'s model in the Hugging Face layout (:meth:`TransformerVAE.save_pretrained`)
+    """Save ``run``'s model in the Hugging Face layout (:meth:`~tvae_core.model.TransformerVAE.save_pretrained`)
     with its tokenizer, by default into ``<run folder>/pretrained/`` next to the cached run;
     ``TransformerVAE.from_pretrained`` loads it back. Returns the folder."""
     target = Path(directory) if directory is not None else run.path / "pretrained"

@@ -13,7 +13,7 @@ class PretrainedTransformerVAE(TransformerVAE):
     """:class:`TransformerVAE` whose encoder may read its own tokenizer's ids.
 
     A batch without ``encoder_input_ids`` gets them here: each row's decoder ids are decoded to
-    text and re-tokenised for the encoder (the same rule as :func:`load_pretrained_corpus`), so
+    text and re-tokenised for the encoder (the same rule as :func:`~tvae_core.pretrained.corpus.load_pretrained_corpus`), so
     decoder-only batches from :func:`tvae_core.data.iterate_batches` (training loop, validation,
     estimators) give the encoder its own input. The tokenizers are not parameters: the state
     dict is that of :class:`TransformerVAE`.
